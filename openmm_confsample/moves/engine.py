@@ -1,0 +1,248 @@
+"""The one Metropolis-Hastings engine every learned move runs on.
+
+A :class:`Proposal` looks at the current positions and returns a :class:`ProposalBatch`: S candidate
+structures and, for each, the log of everything in the acceptance ratio except the potential energy,
+
+    log_correction = log q(x | x') - log q(x' | x)  [+ augmented-space terms, e.g. -(K(v') - K(v))]
+
+The engine evaluates the reduced potential u = U/kT of each candidate through the OpenMM Context and
+accepts with probability min(1, exp(-(u' - u) + log_correction)).
+
+Batches are exact: the S candidates are independent draws from the same current state, so trying them
+in order, each with its own uniform number, and stopping at the first accepted one is the same chain as
+S single-proposal MH steps in which every rejection leaves the state where it was. Every candidate tried
+counts as one proposal (the Timewarp reference does the same).
+
+Candidates with NaN/inf coordinates, corrections or energies are rejected and counted; the Context is
+always left holding the accepted (or the unchanged) state.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import openmm
+from openmm import unit
+
+from ..errors import ConfSampleError
+
+_KJ = unit.kilojoule_per_mole
+_NM = unit.nanometer
+
+
+@dataclass
+class ProposalBatch:
+    """S candidate structures from one proposal call.
+
+    Attributes
+    ----------
+    positions : (S, n_atoms, 3) float, nm
+    log_correction : (S,) float
+        log q(x | x') - log q(x' | x) plus any augmented-space terms; 0 for a symmetric proposal.
+    valid : (S,) bool, optional
+        False marks a candidate the proposal itself refuses (e.g. a flipped stereocentre); it is rejected
+        without an energy evaluation. The criterion must be symmetric in (x, x') to keep the move exact.
+    info : dict
+        Anything the proposal wants back in :meth:`Proposal.accepted`.
+    """
+
+    positions: np.ndarray
+    log_correction: np.ndarray
+    valid: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.positions)
+
+
+class Proposal(abc.ABC):
+    """A proposal distribution for Metropolis-Hastings moves in an OpenMM system.
+
+    Subclasses implement :meth:`propose` and, for openmmtools serialization, :meth:`get_config`
+    (a dict of plain Python values from which ``type(self).from_config`` rebuilds an equivalent proposal;
+    models are referenced by path, never stored by value).
+    """
+
+    #: Proposals that move atoms independently (Cartesian) cannot keep constraint lengths, so they refuse
+    #: systems with constraints; rigid torsion rotations keep bond lengths and set this to False.
+    cartesian: bool = True
+
+    def check_system(self, system: openmm.System) -> None:
+        """Raise ConfSampleError if this proposal cannot be used on ``system``."""
+        if self.cartesian and system.getNumConstraints() > 0:
+            raise ConfSampleError(
+                f"{type(self).__name__} moves atoms independently and cannot keep the system's "
+                f"{system.getNumConstraints()} constraints; build the System with constraints=None."
+            )
+
+    @abc.abstractmethod
+    def propose(self, positions_nm: np.ndarray, n_proposals: int, rng: np.random.Generator) -> ProposalBatch:
+        """Draw ``n_proposals`` candidates from the current positions ((n_atoms, 3) float, nm)."""
+
+    def accepted(self, batch: ProposalBatch, index: int) -> None:
+        """Called when candidate ``index`` of ``batch`` was accepted (lets proposals cache what they know)."""
+
+    def get_config(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} does not support serialization.")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Proposal":
+        return cls(**config)
+
+
+def _new_statistics() -> dict:
+    return {
+        "n_moves": 0,
+        "n_proposed": 0,
+        "n_accepted": 0,
+        "n_nonfinite": 0,
+        "n_invalid": 0,
+        "proposal_seconds": 0.0,
+        "energy_seconds": 0.0,
+        "total_seconds": 0.0,
+    }
+
+
+@dataclass
+class MoveResult:
+    """What one engine step did."""
+
+    accepted: bool
+    positions_nm: np.ndarray
+    potential_kJ: float
+    n_tried: int
+
+
+class MetropolisHastingsEngine:
+    """Runs MH steps of a :class:`Proposal` on an OpenMM Context.
+
+    Parameters
+    ----------
+    proposal : Proposal
+    n_proposals : int, default 1
+        Candidates drawn per model call (S); tried in order until the first acceptance.
+    seed : int or numpy.random.Generator, optional
+        Seeds the proposal draws and the acceptance tests.
+
+    Statistics (``engine.statistics``, a plain dict; ``reset_statistics()`` clears it): n_moves (calls of
+    :meth:`step`), n_proposed (candidates tried), n_accepted, n_nonfinite (rejected for NaN/inf),
+    n_invalid (refused by the proposal), proposal/energy/total seconds, and the derived acceptance_rate and
+    seconds_per_proposal.
+    """
+
+    def __init__(self, proposal: Proposal, n_proposals: int = 1, seed=None):
+        if not isinstance(proposal, Proposal):
+            raise ConfSampleError(f"proposal must be an openmm_confsample Proposal, got {type(proposal).__name__}.")
+        if int(n_proposals) < 1:
+            raise ConfSampleError(f"n_proposals must be at least 1, got {n_proposals}.")
+        self.proposal = proposal
+        self.n_proposals = int(n_proposals)
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self._stats = _new_statistics()
+        self._checked_systems: set[int] = set()
+
+    # -- statistics -----------------------------------------------------------------------------------
+    @property
+    def statistics(self) -> dict:
+        stats = dict(self._stats)
+        stats["acceptance_rate"] = stats["n_accepted"] / stats["n_proposed"] if stats["n_proposed"] else 0.0
+        stats["seconds_per_proposal"] = stats["total_seconds"] / stats["n_proposed"] if stats["n_proposed"] else 0.0
+        return stats
+
+    @statistics.setter
+    def statistics(self, value: dict) -> None:
+        fresh = _new_statistics()
+        for key in fresh:
+            if key in value:
+                fresh[key] = type(fresh[key])(value[key])
+        self._stats = fresh
+
+    def reset_statistics(self) -> None:
+        self._stats = _new_statistics()
+
+    # -- the step -------------------------------------------------------------------------------------
+    def check_context(self, context: openmm.Context) -> None:
+        """Refuse a system the proposal cannot handle (checked once per System object)."""
+        system = context.getSystem()
+        key = id(system)
+        if key not in self._checked_systems:
+            self.proposal.check_system(system)
+            self._checked_systems.add(key)
+
+    def step(self, context: openmm.Context, kT_kJ: float, positions_nm: np.ndarray | None = None,
+             potential_kJ: float | None = None) -> MoveResult:
+        """One MH move (up to ``n_proposals`` tried candidates) on ``context`` at thermal energy ``kT_kJ``.
+
+        Parameters
+        ----------
+        context : openmm.Context
+            Holds the current state on entry and the accepted (or unchanged) state on exit. Velocities,
+            box vectors and parameters are not touched.
+        kT_kJ : float, kJ/mol
+        positions_nm, potential_kJ : optional
+            The current positions ((n_atoms, 3) nm) and potential energy (kJ/mol) if the caller already
+            has them; otherwise they are read from the context.
+        """
+        start = time.perf_counter()
+        stats = self._stats
+        self.check_context(context)
+        if positions_nm is None or potential_kJ is None:
+            state = context.getState(getPositions=True, getEnergy=True)
+            positions_nm = state.getPositions(asNumpy=True).value_in_unit(_NM)
+            potential_kJ = state.getPotentialEnergy().value_in_unit(_KJ)
+        beta = 1.0 / kT_kJ
+        u_current = beta * potential_kJ
+
+        t0 = time.perf_counter()
+        batch = self.proposal.propose(positions_nm, self.n_proposals, self.rng)
+        stats["proposal_seconds"] += time.perf_counter() - t0
+        stats["n_moves"] += 1
+
+        accepted_index = -1
+        accepted_potential = potential_kJ
+        n_tried = 0
+        energy_seconds = 0.0
+        for s in range(len(batch)):
+            n_tried += 1
+            stats["n_proposed"] += 1
+            if batch.valid is not None and not batch.valid[s]:
+                stats["n_invalid"] += 1
+                continue
+            candidate = batch.positions[s]
+            correction = float(batch.log_correction[s])
+            if math.isnan(correction) or not np.isfinite(candidate).all():
+                stats["n_nonfinite"] += 1
+                continue
+            if correction == -math.inf:  # the reverse move is impossible: rejected without an energy
+                continue
+            t0 = time.perf_counter()
+            try:
+                context.setPositions(candidate)
+                energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(_KJ)
+            except openmm.OpenMMException:
+                energy = math.nan
+            energy_seconds += time.perf_counter() - t0
+            if not math.isfinite(energy):
+                stats["n_nonfinite"] += 1
+                continue
+            log_alpha = -(beta * energy - u_current) + correction
+            if log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha:
+                accepted_index = s
+                accepted_potential = energy
+                break
+
+        if accepted_index >= 0:
+            stats["n_accepted"] += 1
+            self.proposal.accepted(batch, accepted_index)
+            new_positions = batch.positions[accepted_index]
+        else:
+            new_positions = positions_nm
+            if n_tried:
+                context.setPositions(positions_nm)
+        stats["energy_seconds"] += energy_seconds
+        stats["total_seconds"] += time.perf_counter() - start
+        return MoveResult(accepted_index >= 0, new_positions, accepted_potential, n_tried)

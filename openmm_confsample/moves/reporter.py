@@ -1,0 +1,108 @@
+"""Learned moves in a plain ``openmm.app.Simulation`` script, and in a user's own loop.
+
+One added line applies a move every ``interval`` steps on the Simulation's own Context::
+
+    simulation.reporters.append(LearnedMoveReporter(move, interval=500))
+
+DCDReporter, StateDataReporter and checkpoints keep working: the move changes only the Context's
+positions (velocities, box and parameters are left alone), and only when a candidate is accepted.
+Reporters due at the same step as the move see the state before it.
+"""
+
+from __future__ import annotations
+
+import openmm
+from openmm import unit
+
+from ..errors import ConfSampleError
+from ..systems import kT_kJ_per_mol, to_kelvin
+from .engine import MetropolisHastingsEngine, Proposal
+
+
+def _as_engine(move) -> MetropolisHastingsEngine:
+    """Accept a Proposal, an engine, or a LearnedMCMCMove (anything with an ``engine``)."""
+    if isinstance(move, MetropolisHastingsEngine):
+        return move
+    if isinstance(move, Proposal):
+        return MetropolisHastingsEngine(move)
+    engine = getattr(move, "engine", None)
+    if isinstance(engine, MetropolisHastingsEngine):
+        return engine
+    raise ConfSampleError(f"move must be a LearnedMCMCMove, MetropolisHastingsEngine or Proposal, got {type(move).__name__}.")
+
+
+def _kT_for(context: openmm.Context, temperature) -> float:
+    if temperature is not None:
+        return kT_kJ_per_mol(to_kelvin(temperature))
+    integrator = context.getIntegrator()
+    if not hasattr(integrator, "getTemperature"):
+        raise ConfSampleError(
+            f"cannot tell the temperature from a {type(integrator).__name__}; pass temperature= to the move."
+        )
+    return kT_kJ_per_mol(integrator.getTemperature().value_in_unit(unit.kelvin))
+
+
+def apply_learned_move(context: openmm.Context, move, temperature=None, n_attempts: int = 1) -> int:
+    """Apply ``n_attempts`` MH steps of ``move`` to ``context``; returns how many were accepted.
+
+    For users who run their own loop::
+
+        for _ in range(1000):
+            integrator.step(500)
+            apply_learned_move(context, move)
+
+    Parameters
+    ----------
+    context : openmm.Context
+    move : LearnedMCMCMove, MetropolisHastingsEngine or Proposal
+    temperature : Quantity or float K, optional
+        Target temperature; by default the integrator's (``getTemperature()``).
+    """
+    engine = _as_engine(move)
+    kT = _kT_for(context, temperature)
+    positions = energy = None
+    accepted = 0
+    for _ in range(int(n_attempts)):
+        result = engine.step(context, kT, positions, energy)
+        positions, energy = result.positions_nm, result.potential_kJ
+        accepted += int(result.accepted)
+    return accepted
+
+
+class LearnedMoveReporter:
+    """Apply a learned move every ``interval`` MD steps of an ``openmm.app.Simulation``.
+
+    Parameters
+    ----------
+    move : LearnedMCMCMove, MetropolisHastingsEngine or Proposal
+    interval : int
+        MD steps between moves.
+    n_attempts : int, default 1
+        MH steps per application.
+    temperature : Quantity or float K, optional
+        Target temperature; by default the integrator's.
+
+    Examples
+    --------
+    >>> simulation.reporters.append(LearnedMoveReporter(move, interval=500))  # doctest: +SKIP
+    """
+
+    def __init__(self, move, interval: int, n_attempts: int = 1, temperature=None):
+        if int(interval) < 1:
+            raise ConfSampleError(f"interval must be a positive number of steps, got {interval}.")
+        self.engine = _as_engine(move)
+        self.interval = int(interval)
+        self.n_attempts = int(n_attempts)
+        self.temperature = temperature
+        self.n_accepted = 0
+
+    @property
+    def statistics(self) -> dict:
+        return self.engine.statistics
+
+    def describeNextReport(self, simulation):
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": None, "include": []}
+
+    def report(self, simulation, state):
+        self.n_accepted += apply_learned_move(simulation.context, self.engine, self.temperature, self.n_attempts)
