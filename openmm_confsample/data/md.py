@@ -203,7 +203,7 @@ def _open_writer(path: str, trajectory_format: str):
 
 def _write_frame(writer, trajectory_format: str, positions_nm: np.ndarray) -> None:
     if trajectory_format == "dcd":
-        writer.write(positions_nm[None] * 10.0)  # DCD stores angstrom
+        writer.write((positions_nm[None] * 10.0).astype(np.float32))  # DCD stores angstrom
     else:
         writer.write(positions_nm[None].astype(np.float32))
 

@@ -8,10 +8,14 @@ structures and, for each, the log of everything in the acceptance ratio except t
 The engine evaluates the reduced potential u = U/kT of each candidate through the OpenMM Context and
 accepts with probability min(1, exp(-(u' - u) + log_correction)).
 
-Batches are exact: the S candidates are independent draws from the same current state, so trying them
-in order, each with its own uniform number, and stopping at the first accepted one is the same chain as
-S single-proposal MH steps in which every rejection leaves the state where it was. Every candidate tried
-counts as one proposal (the Timewarp reference does the same).
+Batches are exact: one engine step with ``n_proposals = S`` is S ordinary MH steps. The S candidates of a
+model call are independent draws from the current state; they are tried in order, each with its own
+uniform number, and every rejection leaves the state where it was (so a rejected candidate counts as one
+step, as in the Timewarp reference). When a candidate is accepted the state has changed, so the remaining
+steps are proposed afresh from the new state (for an independence proposal that is a cheap draw from its
+buffer). Stopping at the first acceptance instead would *not* be exact: the number of steps taken would
+depend on the local acceptance rate, which biases the states seen between moves (the exactness tests
+show it).
 
 Candidates with NaN/inf coordinates, corrections or energies are rejected and counted; the Context is
 always left holding the accepted (or the unchanged) state.
@@ -109,12 +113,16 @@ def _new_statistics() -> dict:
 
 @dataclass
 class MoveResult:
-    """What one engine step did."""
+    """What one engine step did: accepted candidates, final positions (nm) and energy (kJ/mol), candidates tried."""
 
-    accepted: bool
+    n_accepted: int
     positions_nm: np.ndarray
     potential_kJ: float
     n_tried: int
+
+    @property
+    def accepted(self) -> bool:
+        return self.n_accepted > 0
 
 
 class MetropolisHastingsEngine:
@@ -124,7 +132,7 @@ class MetropolisHastingsEngine:
     ----------
     proposal : Proposal
     n_proposals : int, default 1
-        Candidates drawn per model call (S); tried in order until the first acceptance.
+        MH steps per :meth:`step` (S), proposed in one model call and re-proposed after each acceptance.
     seed : int or numpy.random.Generator, optional
         Seeds the proposal draws and the acceptance tests.
 
@@ -175,7 +183,7 @@ class MetropolisHastingsEngine:
 
     def step(self, context: openmm.Context, kT_kJ: float, positions_nm: np.ndarray | None = None,
              potential_kJ: float | None = None) -> MoveResult:
-        """One MH move (up to ``n_proposals`` tried candidates) on ``context`` at thermal energy ``kT_kJ``.
+        """``n_proposals`` MH steps on ``context`` at thermal energy ``kT_kJ`` (one model call when none is accepted).
 
         Parameters
         ----------
@@ -197,52 +205,59 @@ class MetropolisHastingsEngine:
         beta = 1.0 / kT_kJ
         u_current = beta * potential_kJ
 
-        t0 = time.perf_counter()
-        batch = self.proposal.propose(positions_nm, self.n_proposals, self.rng)
-        stats["proposal_seconds"] += time.perf_counter() - t0
         stats["n_moves"] += 1
-
-        accepted_index = -1
-        accepted_potential = potential_kJ
+        n_accepted = 0
         n_tried = 0
         energy_seconds = 0.0
-        for s in range(len(batch)):
-            n_tried += 1
-            stats["n_proposed"] += 1
-            if batch.valid is not None and not batch.valid[s]:
-                stats["n_invalid"] += 1
-                continue
-            candidate = batch.positions[s]
-            correction = float(batch.log_correction[s])
-            if math.isnan(correction) or not np.isfinite(candidate).all():
-                stats["n_nonfinite"] += 1
-                continue
-            if correction == -math.inf:  # the reverse move is impossible: rejected without an energy
-                continue
+        remaining = self.n_proposals
+        touched = False
+        while remaining > 0:
             t0 = time.perf_counter()
-            try:
-                context.setPositions(candidate)
-                energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(_KJ)
-            except openmm.OpenMMException:
-                energy = math.nan
-            energy_seconds += time.perf_counter() - t0
-            if not math.isfinite(energy):
-                stats["n_nonfinite"] += 1
-                continue
-            log_alpha = -(beta * energy - u_current) + correction
-            if log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha:
-                accepted_index = s
-                accepted_potential = energy
+            batch = self.proposal.propose(positions_nm, remaining, self.rng)
+            stats["proposal_seconds"] += time.perf_counter() - t0
+            if len(batch) != remaining:
+                raise RuntimeError(f"{type(self.proposal).__name__} returned {len(batch)} candidates, not {remaining}.")
+            accepted_index = -1
+            for s in range(len(batch)):
+                remaining -= 1
+                n_tried += 1
+                stats["n_proposed"] += 1
+                if batch.valid is not None and not batch.valid[s]:
+                    stats["n_invalid"] += 1
+                    continue
+                candidate = batch.positions[s]
+                correction = float(batch.log_correction[s])
+                if math.isnan(correction) or not np.isfinite(candidate).all():
+                    stats["n_nonfinite"] += 1
+                    continue
+                if correction == -math.inf:  # the reverse move is impossible: rejected without an energy
+                    continue
+                t0 = time.perf_counter()
+                touched = True
+                try:
+                    context.setPositions(candidate)
+                    energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(_KJ)
+                except openmm.OpenMMException:
+                    energy = math.nan
+                energy_seconds += time.perf_counter() - t0
+                if not math.isfinite(energy):
+                    stats["n_nonfinite"] += 1
+                    continue
+                log_alpha = -(beta * energy - u_current) + correction
+                if log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha:
+                    accepted_index = s
+                    break
+            if accepted_index < 0:
                 break
-
-        if accepted_index >= 0:
+            n_accepted += 1
             stats["n_accepted"] += 1
             self.proposal.accepted(batch, accepted_index)
-            new_positions = batch.positions[accepted_index]
-        else:
-            new_positions = positions_nm
-            if n_tried:
-                context.setPositions(positions_nm)
+            positions_nm = np.array(batch.positions[accepted_index])
+            potential_kJ = energy
+            u_current = beta * energy
+            touched = False  # the context holds the accepted candidate
+        if touched:
+            context.setPositions(positions_nm)
         stats["energy_seconds"] += energy_seconds
         stats["total_seconds"] += time.perf_counter() - start
-        return MoveResult(accepted_index >= 0, new_positions, accepted_potential, n_tried)
+        return MoveResult(n_accepted, positions_nm, potential_kJ, n_tried)

@@ -42,7 +42,7 @@ class LearnedMCMCMove(mcmc.MCMCMove):
     proposal : Proposal
         E.g. a ``TorsionDiffusionProposal``, ``TimewarpProposal`` or ``VonMisesTorsionProposal``.
     n_proposals : int, default 1
-        Candidates drawn per model call; tried in order until the first acceptance (exact).
+        MH steps per engine step, proposed in one batched model call (re-proposed after an acceptance).
     n_attempts : int, default 1
         Engine steps per ``apply``.
     seed : int, optional

@@ -65,7 +65,7 @@ def apply_learned_move(context: openmm.Context, move, temperature=None, n_attemp
     for _ in range(int(n_attempts)):
         result = engine.step(context, kT, positions, energy)
         positions, energy = result.positions_nm, result.potential_kJ
-        accepted += int(result.accepted)
+        accepted += result.n_accepted
     return accepted
 
 
