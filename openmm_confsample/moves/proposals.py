@@ -132,3 +132,80 @@ class GaussianDisplacementProposal(Proposal):
     def get_config(self):
         return {"sigma_nm": self.sigma_nm, "drift_nm": self.drift_nm.tolist(),
                 "atoms": None if self.atoms is None else self.atoms.tolist()}
+
+
+class VonMisesMixtureProposal(Proposal):
+    """Independence proposal: torsions drawn from a mixture of products of von Mises distributions.
+
+    q(tau) = sum_m w_m prod_i VM(tau_i; mu_mi, kappa_mi). With components on the known basins this is a
+    cheap, exact and broad move (the benchmark's cross-check of its reference); it does not scale to many
+    torsions, which is what the learned models are for.
+
+    Parameters
+    ----------
+    torsion_set : TorsionSet
+    centers : (m, k) float, radians
+    kappas : (m, k) float or float
+    weights : (m,) float, optional (default uniform)
+    """
+
+    cartesian = False
+
+    def __init__(self, torsion_set: TorsionSet, centers, kappas=4.0, weights=None):
+        self.torsion_set = torsion_set
+        k = len(torsion_set)
+        self.centers = np.asarray(centers, dtype=float).reshape(-1, k)
+        m = len(self.centers)
+        self.kappas = np.broadcast_to(np.asarray(kappas, dtype=float), (m, k)).copy()
+        weights = np.ones(m) if weights is None else np.asarray(weights, dtype=float)
+        if weights.shape != (m,) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ConfSampleError(f"weights must be {m} non-negative numbers with a positive sum, got {weights}.")
+        if np.any(self.kappas < 0) or not np.all(np.isfinite(self.kappas)):
+            raise ConfSampleError("kappas must be finite and non-negative.")
+        self.weights = weights / weights.sum()
+
+    def log_prob(self, angles):
+        """log q of (..., k) torsion angles in radians."""
+        angles = np.asarray(angles, dtype=float)[..., None, :]
+        per_component = von_mises_logpdf(angles, self.centers, self.kappas).sum(axis=-1) + np.log(self.weights)
+        peak = per_component.max(axis=-1, keepdims=True)
+        return (peak + np.log(np.exp(per_component - peak).sum(axis=-1, keepdims=True)))[..., 0]
+
+    def sample(self, n, rng):
+        component = rng.choice(len(self.weights), size=n, p=self.weights)
+        return wrap_angle(rng.vonmises(self.centers[component], self.kappas[component]))
+
+    def propose(self, positions_nm, n_proposals, rng):
+        current = self.torsion_set.values(positions_nm)
+        new = self.sample(n_proposals, rng)
+        log_correction = self.log_prob(current) - self.log_prob(new)
+        batch = np.broadcast_to(positions_nm, (n_proposals,) + positions_nm.shape)
+        return ProposalBatch(self.torsion_set.set_values(batch, new), log_correction)
+
+    def get_config(self):
+        return {
+            "bonds": np.asarray(self.torsion_set.bonds).tolist(),
+            "n_atoms": int(self.torsion_set.n_atoms),
+            "torsions": np.asarray(self.torsion_set.torsions).tolist(),
+            "names": list(self.torsion_set.names),
+            "centers": self.centers.tolist(),
+            "kappas": self.kappas.tolist(),
+            "weights": self.weights.tolist(),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        torsion_set = TorsionSet(np.array(config["bonds"]), config["n_atoms"], np.array(config["torsions"]),
+                                 names=config.get("names"))
+        return cls(torsion_set, config["centers"], config["kappas"], config["weights"])
+
+
+#: Basin centres (phi, psi) in degrees of alanine dipeptide: C7eq/beta, PII, alpha_R, alpha_L, C7ax.
+ALANINE_BASINS_DEG = ((-80.0, 150.0), (-70.0, 140.0), (-75.0, -40.0), (60.0, 40.0), (70.0, -60.0))
+
+
+def alanine_basin_proposal(torsion_set: TorsionSet, kappa: float = 3.0, weights=None) -> VonMisesMixtureProposal:
+    """A broad mixture over the known alanine-dipeptide basins (phi/psi torsion set)."""
+    if len(torsion_set) != 2:
+        raise ConfSampleError(f"alanine_basin_proposal needs the two torsions phi and psi, got {len(torsion_set)}.")
+    return VonMisesMixtureProposal(torsion_set, np.deg2rad(ALANINE_BASINS_DEG), kappa, weights)
