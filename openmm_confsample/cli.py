@@ -36,6 +36,89 @@ def _cmd_simulate(args):
     print(f"throughput: {result.ns_per_day:.1f} ns/day ({result.wall_seconds:.1f} s wall)")
 
 
+def _cmd_train(args):
+    from .systems import resolve_system
+    from .workflows import train_timewarp, train_torsion_diffusion
+
+    molsys = resolve_system(args.system, args.forcefield, args.temperature)
+    if args.model_kind == "diffusion":
+        _, summary = train_torsion_diffusion(molsys, args.trajectories, args.out, topology=args.topology,
+                                             max_epochs=args.epochs, max_minutes=args.max_minutes, seed=args.seed,
+                                             progress=not args.quiet)
+    else:
+        _, summary = train_timewarp(molsys, args.trajectories, args.out, args.tau_ps, topology=args.topology,
+                                    epochs=args.epochs, acceptance_steps=args.acceptance_steps,
+                                    max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+def _make_move(args, molsys):
+    if args.move == "diffusion":
+        from .moves.torsion_diffusion import TorsionDiffusionMove
+
+        return TorsionDiffusionMove(args.model, molsys, n_proposals=args.n_proposals, seed=args.seed)
+    if args.move == "timewarp":
+        from .moves.timewarp import TimewarpMove
+
+        return TimewarpMove(args.model, molsys, n_proposals=args.n_proposals, seed=args.seed,
+                            exploration_threshold_kT=args.explore_kT)
+    from .geometry.torsions import TorsionSet
+    from .moves.mcmc import LearnedMCMCMove
+    from .moves.proposals import alanine_basin_proposal
+
+    torsion_set = TorsionSet(molsys.bonds, molsys.n_atoms, molsys.torsion_array, names=molsys.torsion_names)
+    return LearnedMCMCMove(alanine_basin_proposal(torsion_set), n_proposals=args.n_proposals, seed=args.seed)
+
+
+def _cmd_sample(args):
+    from .systems import resolve_system
+    from .workflows import sample_with_moves
+
+    molsys = resolve_system(args.system, args.forcefield, args.temperature)
+    if args.move in ("diffusion", "timewarp") and not args.model:
+        raise ConfSampleError(f"--model is required with --move {args.move}.")
+    move = _make_move(args, molsys)
+    result = sample_with_moves(molsys, move, args.out, args.length_ps, move_interval_steps=args.move_interval,
+                               n_attempts=args.n_attempts, save_interval_ps=args.save_interval_ps, seed=args.seed,
+                               platform=args.platform, progress=not args.quiet)
+    stats = result.statistics
+    label = "" if stats.get("exact", True) else "  [BIASED exploration mode: not Boltzmann]"
+    print(f"wrote {result.trajectory_path}, {result.log_path}, {result.summary_path}")
+    print(f"moves: {stats['n_moves']}, proposals: {stats['n_proposed']}, acceptance: {stats['acceptance_rate']:.3f}, "
+          f"{1e3 * stats['seconds_per_proposal']:.2f} ms/proposal, wall {result.wall_seconds:.1f} s{label}")
+
+
+def _cmd_reweight(args):
+    from .models.torsion_diffusion import TorsionDiffusionModel
+    from .moves.torsion_diffusion import check_model_matches_system
+    from .reweight import reweight_pipeline
+    from .systems import resolve_system
+
+    molsys = resolve_system(args.system, args.forcefield, args.temperature)
+    model = TorsionDiffusionModel.load(args.model)
+    check_model_matches_system(model, molsys, f"'{args.model}'")
+    angles, _ = model.sample(args.n_samples, seed=args.seed)
+    result = reweight_pipeline(molsys, angles, n_resample=args.n_resample, energy=args.energy,
+                               temperature_K=args.reweight_temperature, seed=args.seed, out_dir=args.out,
+                               progress=not args.quiet)
+    print(f"rebuilt {len(angles)} structures; Kish ESS of the Boltzmann weights: {result.ess:.1f}")
+    for name, path in (result.files or {}).items():
+        print(f"wrote {name}: {path}")
+    if args.validate_ps > 0:
+        import os
+
+        from .validation import plot_validation, validate_structures
+
+        count = min(args.validate_count, len(result.resampled_positions_nm))
+        validation = validate_structures(molsys, result.resampled_positions_nm[:count], length_ps=args.validate_ps,
+                                         solvent=args.solvent, seed=args.seed, progress=not args.quiet)
+        png = os.path.join(args.out, "validation.png")
+        plot_validation(validation, png)
+        print(f"validation of {count} structures ({args.solvent} solvent, {args.validate_ps} ps): {validation.summary}")
+        print(f"wrote {png}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="confsample",
@@ -62,6 +145,64 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", default="runs/md", help="output path prefix (default runs/md)")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(func=_cmd_simulate)
+
+    train = commands.add_parser("train", help="train a torsion diffusion model or a Timewarp flow on trajectories",
+                                description="Train a model on MD trajectories (several runs may be pooled, e.g. 300 K "
+                                            "and 500 K: the MH correction keeps the moves exact whatever the data).")
+    train.add_argument("model_kind", choices=("diffusion", "timewarp"), help="which model")
+    _add_system_arguments(train)
+    train.add_argument("--trajectories", nargs="+", required=True, metavar="FILE",
+                       help="DCD/XTC/HDF5 trajectories (e.g. from `confsample simulate`)")
+    train.add_argument("--topology", default=None, help="topology PDB for DCD/XTC files (default: the system's)")
+    train.add_argument("--out", required=True, help="checkpoint path to write (.pt)")
+    train.add_argument("--epochs", type=int, default=200, help="maximum epochs (default 200)")
+    train.add_argument("--max-minutes", type=float, default=5.0, help="training wall-clock budget (default 5)")
+    train.add_argument("--tau-ps", type=float, default=0.5, help="Timewarp lag time in ps (default 0.5)")
+    train.add_argument("--acceptance-steps", type=int, default=0,
+                       help="Timewarp: optimizer steps of the acceptance objective after likelihood (default 0)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    sample = commands.add_parser("sample", help="run MD with learned MC moves (an OpenMM Simulation + one reporter)",
+                                 description="Run Langevin MD with a learned move every --move-interval steps and "
+                                             "write PREFIX.dcd, PREFIX.csv (StateDataReporter), PREFIX.pdb, PREFIX.json.")
+    _add_system_arguments(sample)
+    sample.add_argument("--move", choices=("diffusion", "timewarp", "basins"), default="diffusion",
+                        help="diffusion / timewarp (need --model) or basins (a von Mises mixture on alanine's basins)")
+    sample.add_argument("--model", default=None, help="model checkpoint (.pt)")
+    sample.add_argument("--length-ps", type=float, default=100.0, help="simulated MD time in ps (default 100)")
+    sample.add_argument("--move-interval", type=int, default=500, help="MD steps between moves (default 500)")
+    sample.add_argument("--n-attempts", type=int, default=1, help="moves per application (default 1)")
+    sample.add_argument("--n-proposals", type=int, default=1, help="MH steps proposed per model call (default 1)")
+    sample.add_argument("--explore-kT", type=float, default=None,
+                        help="Timewarp exploration mode: accept unless the energy rises by more than this many kT "
+                             "(BIASED, not Boltzmann)")
+    sample.add_argument("--save-interval-ps", type=float, default=1.0, help="ps between saved frames (default 1)")
+    sample.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="runs/sample", help="output path prefix (default runs/sample)")
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sample.set_defaults(func=_cmd_sample)
+
+    reweight = commands.add_parser("reweight", help="the original study's pipeline: sample torsions, rebuild with "
+                                                    "RDKit, MMFF94 energies, Boltzmann-reweight, validate with OpenMM MD")
+    _add_system_arguments(reweight)
+    reweight.add_argument("--model", required=True, help="torsion diffusion checkpoint (.pt)")
+    reweight.add_argument("--n-samples", type=int, default=500, help="torsion samples to rebuild (default 500)")
+    reweight.add_argument("--n-resample", type=int, default=None, help="structures to resample (default: n-samples)")
+    reweight.add_argument("--energy", choices=("mmff", "openmm"), default="mmff",
+                          help="score with MMFF94 (default) or the system's OpenMM force field")
+    reweight.add_argument("--reweight-temperature", type=float, default=298.15,
+                          help="temperature of the Boltzmann weights in K (default 298.15)")
+    reweight.add_argument("--validate-ps", type=float, default=0.0, help="short MD validation per structure (ps)")
+    reweight.add_argument("--validate-count", type=int, default=5, help="structures to validate (default 5)")
+    reweight.add_argument("--solvent", choices=("implicit", "explicit"), default="implicit",
+                          help="validation solvent (explicit: TIP3P box, NPT equilibration)")
+    reweight.add_argument("--seed", type=int, default=0)
+    reweight.add_argument("--out", default="runs/reweight", help="output directory (default runs/reweight)")
+    reweight.add_argument("--quiet", action="store_true", help="no progress bar")
+    reweight.set_defaults(func=_cmd_reweight)
 
     for register in _EXTRA_COMMANDS:
         register(commands)

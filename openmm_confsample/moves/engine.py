@@ -135,6 +135,9 @@ class MetropolisHastingsEngine:
         MH steps per :meth:`step` (S), proposed in one model call and re-proposed after each acceptance.
     seed : int or numpy.random.Generator, optional
         Seeds the proposal draws and the acceptance tests.
+    exploration_threshold_kT : float, optional
+        Exploration mode, NOT exact: no MH test; a candidate is accepted unless its energy is more than this
+        many kT above the current one. ``statistics['exact']`` is False and every report must say biased.
 
     Statistics (``engine.statistics``, a plain dict; ``reset_statistics()`` clears it): n_moves (calls of
     :meth:`step`), n_proposed (candidates tried), n_accepted, n_nonfinite (rejected for NaN/inf),
@@ -142,13 +145,16 @@ class MetropolisHastingsEngine:
     seconds_per_proposal.
     """
 
-    def __init__(self, proposal: Proposal, n_proposals: int = 1, seed=None):
+    def __init__(self, proposal: Proposal, n_proposals: int = 1, seed=None, exploration_threshold_kT: float | None = None):
         if not isinstance(proposal, Proposal):
             raise ConfSampleError(f"proposal must be an openmm_confsample Proposal, got {type(proposal).__name__}.")
         if int(n_proposals) < 1:
             raise ConfSampleError(f"n_proposals must be at least 1, got {n_proposals}.")
         self.proposal = proposal
         self.n_proposals = int(n_proposals)
+        if exploration_threshold_kT is not None and not np.isfinite(exploration_threshold_kT):
+            raise ConfSampleError(f"exploration_threshold_kT must be a finite number, got {exploration_threshold_kT}.")
+        self.exploration_threshold_kT = exploration_threshold_kT
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         self._stats = _new_statistics()
         self._checked_systems: set[int] = set()
@@ -159,6 +165,7 @@ class MetropolisHastingsEngine:
         stats = dict(self._stats)
         stats["acceptance_rate"] = stats["n_accepted"] / stats["n_proposed"] if stats["n_proposed"] else 0.0
         stats["seconds_per_proposal"] = stats["total_seconds"] / stats["n_proposed"] if stats["n_proposed"] else 0.0
+        stats["exact"] = self.exploration_threshold_kT is None
         return stats
 
     @statistics.setter
@@ -242,6 +249,11 @@ class MetropolisHastingsEngine:
                 energy_seconds += time.perf_counter() - t0
                 if not math.isfinite(energy):
                     stats["n_nonfinite"] += 1
+                    continue
+                if self.exploration_threshold_kT is not None:  # biased exploration: an energy cap, no MH
+                    if beta * energy - u_current <= self.exploration_threshold_kT:
+                        accepted_index = s
+                        break
                     continue
                 log_alpha = -(beta * energy - u_current) + correction
                 if log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha:

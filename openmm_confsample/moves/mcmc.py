@@ -46,6 +46,8 @@ class LearnedMCMCMove(mcmc.MCMCMove):
     n_attempts : int, default 1
         Engine steps per ``apply``.
     seed : int, optional
+    exploration_threshold_kT : float, optional
+        Biased exploration mode instead of MH (see ``MetropolisHastingsEngine``); not exact.
 
     Examples
     --------
@@ -66,12 +68,13 @@ class LearnedMCMCMove(mcmc.MCMCMove):
     2
     """
 
-    def __init__(self, proposal: Proposal, n_proposals: int = 1, n_attempts: int = 1, seed=None):
+    def __init__(self, proposal: Proposal, n_proposals: int = 1, n_attempts: int = 1, seed=None,
+                 exploration_threshold_kT: float | None = None):
         super().__init__()
         if int(n_attempts) < 1:
             raise ConfSampleError(f"n_attempts must be at least 1, got {n_attempts}.")
         self.n_attempts = int(n_attempts)
-        self.engine = MetropolisHastingsEngine(proposal, n_proposals, seed)
+        self.engine = MetropolisHastingsEngine(proposal, n_proposals, seed, exploration_threshold_kT)
 
     @property
     def proposal(self) -> Proposal:
@@ -109,6 +112,7 @@ class LearnedMCMCMove(mcmc.MCMCMove):
             "n_proposals": self.engine.n_proposals,
             "n_attempts": self.n_attempts,
             "seed": int(self.engine.rng.integers(2**62)),
+            "exploration_threshold_kT": self.engine.exploration_threshold_kT,
             "statistics": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.statistics.items()},
         }
 
@@ -116,5 +120,6 @@ class LearnedMCMCMove(mcmc.MCMCMove):
         proposal_class = _import_class(serialization["proposal_class"])
         proposal = proposal_class.from_config(serialization["proposal_config"])
         self.n_attempts = int(serialization["n_attempts"])
-        self.engine = MetropolisHastingsEngine(proposal, serialization["n_proposals"], serialization["seed"])
+        self.engine = MetropolisHastingsEngine(proposal, serialization["n_proposals"], serialization["seed"],
+                                               serialization.get("exploration_threshold_kT"))
         self.engine.statistics = serialization.get("statistics", {})
