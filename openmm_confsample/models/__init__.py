@@ -3,6 +3,8 @@
 import os as _os
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .torsion_diffusion import (InvertibilityError, ScoreNetwork, TorsionDiffusionModel, TorsionDiffusionTrainer,
+                                plot_loss)
 
 
 def shipped_model_path(name: str = "alanine_dipeptide_diffusion.pt") -> str:
@@ -15,4 +17,5 @@ def shipped_model_path(name: str = "alanine_dipeptide_diffusion.pt") -> str:
     return path
 
 
-__all__ = ["load_checkpoint", "save_checkpoint", "shipped_model_path"]
+__all__ = ["load_checkpoint", "save_checkpoint", "shipped_model_path", "TorsionDiffusionModel",
+           "TorsionDiffusionTrainer", "ScoreNetwork", "InvertibilityError", "plot_loss"]
