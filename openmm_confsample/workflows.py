@@ -130,13 +130,11 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     train, val = pairs.subset(train_index), pairs.subset(val_index)
     trainer = TimewarpTrainer(config, seed=seed, progress=progress)
     start = time.perf_counter()
-    budget = None if max_minutes is None else 60.0 * max_minutes
     metadata = {"topology_fingerprint": molsys.fingerprint(), "tau_ps": float(tau_ps),
                 "temperature_K": molsys.temperature_K, "data_source": [os.path.abspath(p) for p in trajectories],
                 "system": molsys.name}
     trainer.fit_likelihood(train.x0, train.x1, molsys.atom_labels, val=(val.x0, val.x1), epochs=epochs,
-                           **({"max_seconds": budget} if budget is not None and _accepts(trainer.fit_likelihood, "max_seconds") else {}),
-                           **({"metadata": metadata} if _accepts(trainer.fit_likelihood, "metadata") else {}))
+                           max_minutes=max_minutes, metadata=metadata)
     if acceptance_steps:
         evaluator = EnergyEvaluator(molsys)
         trainer.fit_acceptance(train.x0, evaluator.energies_and_forces, molsys.kT, steps=acceptance_steps)
@@ -150,12 +148,6 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     trainer.plot_history(history_png)
     summary["history_plot"] = history_png
     return model, summary
-
-
-def _accepts(function, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(function).parameters
 
 
 @dataclass

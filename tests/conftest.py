@@ -25,3 +25,11 @@ def short_md(tmp_path_factory, ala_implicit):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Small models on a 2-core machine: torch threads fight each other (measured 20x slower with 2)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -122,11 +122,13 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
 
     integrator = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
                                                  timestep_fs * unit.femtosecond)
-    integrator.setRandomNumberSeed(int(seed))
+    # OpenMM reads a seed of 0 as "pick one at random": shift so that every user seed is reproducible.
+    openmm_seed = int(seed) % 2147483646 + 1
+    integrator.setRandomNumberSeed(openmm_seed)
     context = molecular_system.create_context(platform, integrator, positions_nm)
     if minimize:
         openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
-    context.setVelocitiesToTemperature(temperature_K * unit.kelvin, int(seed))
+    context.setVelocitiesToTemperature(temperature_K * unit.kelvin, openmm_seed)
 
     first = context.getState(getPositions=True)
     tmp_topology = topology_path + ".partial"

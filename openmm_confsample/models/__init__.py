@@ -3,6 +3,7 @@
 import os as _os
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .timewarp import TimewarpConfig, TimewarpModel, TimewarpTrainer
 from .torsion_diffusion import (InvertibilityError, ScoreNetwork, TorsionDiffusionModel, TorsionDiffusionTrainer,
                                 plot_loss)
 
@@ -18,4 +19,5 @@ def shipped_model_path(name: str = "alanine_dipeptide_diffusion.pt") -> str:
 
 
 __all__ = ["load_checkpoint", "save_checkpoint", "shipped_model_path", "TorsionDiffusionModel",
-           "TorsionDiffusionTrainer", "ScoreNetwork", "InvertibilityError", "plot_loss"]
+           "TorsionDiffusionTrainer", "ScoreNetwork", "InvertibilityError", "plot_loss",
+           "TimewarpModel", "TimewarpTrainer", "TimewarpConfig"]

@@ -1,0 +1,257 @@
+"""Tests of the Timewarp flow, its trainer, the energy autograd Function and stereocentre detection.
+
+The flow is not rotation-equivariant (neither is the reference model), so nothing here tests equivariance.
+"""
+
+import math
+import types
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import unit
+
+from openmm_confsample.errors import ConfSampleError
+from openmm_confsample.geometry.chirality import chirality_signs, find_stereocentres
+from openmm_confsample.models.timewarp import (
+    TimewarpConfig,
+    TimewarpModel,
+    TimewarpTrainer,
+    potential_energy,
+    random_rotations,
+)
+from openmm_confsample.systems import EnergyEvaluator, get_system
+
+SMALL = {"n_coupling_layers": 2, "hidden_dim": 32, "embedding_dim": 8, "head_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def ala():
+    return get_system("alanine-dipeptide-implicit")
+
+
+@pytest.fixture(scope="module")
+def md_pairs(ala):
+    """(x(t), x(t+0.5 ps)) pairs from 80 ps of Langevin MD at 300 K (1 fs steps, 1/ps friction), about 8 s."""
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 1 * unit.femtosecond)
+    integrator.setRandomNumberSeed(1234)
+    context = ala.create_context("Reference", integrator)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(300 * unit.kelvin, 1234)
+    integrator.step(2000)
+    frames = []
+    for _ in range(161):
+        integrator.step(500)
+        frames.append(context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    frames = np.array(frames)
+    return frames[:-1], frames[1:]
+
+
+def _perturbed(model, scale=0.1, seed=0):
+    """A model whose coupling layers are not the identity (a fresh model's last layers start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(ala):
+    torch.manual_seed(0)
+    return _perturbed(TimewarpModel(ala.atom_labels, SMALL))
+
+
+def test_shapes_and_dtypes(model, ala):
+    x_new, v_new, log_prob = model.sample(ala.positions_nm, n_samples=5, generator=1)
+    assert x_new.shape == v_new.shape == (5, 22, 3)
+    assert log_prob.shape == (5,)
+    assert x_new.dtype == v_new.dtype == log_prob.dtype == np.float64
+    assert np.all(np.isfinite(log_prob))
+    assert model.log_prob(x_new, v_new, ala.positions_nm).shape == (5,)
+    # Same seed, same proposals.
+    assert np.array_equal(model.sample(ala.positions_nm, 5, generator=1)[0], x_new)
+
+
+def test_sample_log_prob_consistency(model, ala):
+    x_new, v_new, log_prob = model.sample(ala.positions_nm, n_samples=32, generator=2)
+    recomputed = model.log_prob(x_new, v_new, ala.positions_nm)
+    # float32 network: |log p| is O(100) nats, so ~1e-5 relative rounding is ~1e-4 absolute.
+    np.testing.assert_allclose(recomputed, log_prob, rtol=0, atol=2e-4)
+    # Per-sample conditioning gives the same numbers as one broadcast conditioning state.
+    per_sample = model.log_prob(x_new, v_new, np.repeat(ala.positions_nm[None], 32, axis=0))
+    np.testing.assert_allclose(per_sample, recomputed, rtol=0, atol=2e-4)
+
+
+def test_invertibility(model, ala):
+    generator = torch.Generator().manual_seed(3)
+    z_x, z_v = torch.randn(8, 22, 3, generator=generator), torch.randn(8, 22, 3, generator=generator)
+    x_cond = torch.as_tensor(ala.positions_nm, dtype=torch.float32)[None]
+    with torch.no_grad():
+        displacement, v, log_det = model.transform(z_x, z_v, x_cond)
+        z_x_back, z_v_back, log_det_inverse = model.inverse_transform(displacement, v, x_cond)
+    assert torch.allclose(z_x_back, z_x, atol=1e-4) and torch.allclose(z_v_back, z_v, atol=1e-4)
+    assert torch.allclose(log_det + log_det_inverse, torch.zeros(8), atol=1e-4)
+
+
+def test_log_det_matches_brute_force_jacobian():
+    labels = ["MOL:C1", "MOL:C2", "MOL:H1", "MOL:H1"]  # a repeated label shares an atom type
+    torch.manual_seed(4)
+    tiny = _perturbed(TimewarpModel(labels, SMALL), scale=0.3, seed=4).double()
+    generator = torch.Generator().manual_seed(5)
+    x_cond = 0.15 * torch.randn(1, 4, 3, generator=generator, dtype=torch.float64)
+    z = torch.randn(24, generator=generator, dtype=torch.float64)
+
+    def flow(z_flat):
+        displacement, v, _ = tiny.transform(z_flat[:12].view(1, 4, 3), z_flat[12:].view(1, 4, 3), x_cond)
+        return torch.cat([displacement.reshape(-1), v.reshape(-1)])
+
+    jacobian = torch.autograd.functional.jacobian(flow, z)
+    _, brute_force = torch.linalg.slogdet(jacobian)
+    with torch.no_grad():
+        _, _, log_det = tiny.transform(z[:12].view(1, 4, 3), z[12:].view(1, 4, 3), x_cond)
+        # The density in nm-coordinates is the base density minus this log-det (change of variables).
+        displacement, v, _ = tiny.transform(z[:12].view(1, 4, 3), z[12:].view(1, 4, 3), x_cond)
+        log_prob = tiny.log_prob_tensor(x_cond + displacement, v, x_cond)
+        base = tiny.base_log_prob(z[:12].view(1, 4, 3), z[12:].view(1, 4, 3))
+    assert abs(brute_force.item() - log_det.item()) < 1e-9
+    assert abs(log_prob.item() - (base.item() - brute_force.item())) < 1e-9
+
+
+def test_one_likelihood_epoch_reduces_nll(ala, md_pairs):
+    x0, x1 = md_pairs
+    torch.manual_seed(0)
+    # A fresh model (base scale 0.1 nm, identity couplings) passed in, so the trainer's data-fitted base scales
+    # do not hide what the optimisation loop does.
+    trainer = TimewarpTrainer(model=TimewarpModel(ala.atom_labels, SMALL), seed=0, progress=False)
+    trainer.fit_likelihood(x0[:128], x1[:128], ala.atom_labels, val=(x0[128:], x1[128:]), epochs=1, batch_size=16,
+                           lr=1e-2, tau_ps=0.5, temperature_K=300.0, topology_fingerprint=ala.fingerprint())
+    history = trainer.history
+    assert len(history["train_nll"]) == len(history["val_nll"]) == 1
+    # Held-out NLL (fixed velocities) before vs after 8 AdamW steps: drops of 3-9 nats across data seeds.
+    assert history["val_nll"][0] < history["initial_val_nll"][0] - 1.0
+    model = trainer.fetch_model()
+    assert model.tau_ps == 0.5 and model.temperature_K == 300.0
+    model.check_compatible(ala)
+
+
+def test_acceptance_phase_runs_and_records(ala, md_pairs, tmp_path):
+    x0, _ = md_pairs
+    torch.manual_seed(0)
+    start = TimewarpModel(ala.atom_labels, SMALL)
+    trainer = TimewarpTrainer(model=start, seed=1, progress=False)
+    trainer.fit_acceptance(x0[:32], EnergyEvaluator(ala), ala.kT, steps=3, batch_size=4, beta_energy=0.01)
+    assert len(trainer.history["acceptance_rate"]) == 3
+    assert all(0.0 <= r <= 1.0 for r in trainer.history["acceptance_rate"])
+    assert all(math.isfinite(v) for v in trainer.history["acceptance_loss"])
+    png = trainer.plot_history(tmp_path / "history.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_energy_function_gradient_is_minus_forces(ala):
+    evaluator = EnergyEvaluator(ala)
+    rng = np.random.default_rng(6)
+    x = ala.positions_nm[None] + 0.005 * rng.standard_normal((2, 22, 3))
+    positions = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    energies = potential_energy(positions, evaluator)
+    (energies * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum().backward()
+    _, forces = evaluator.energies_and_forces(x)
+    np.testing.assert_allclose(positions.grad.numpy(), -forces * np.array([1.0, 2.0])[:, None, None], rtol=1e-10)
+    # Central finite difference along a random direction: error O(h^2) with h = 1e-5 nm.
+    direction = rng.standard_normal((22, 3))
+    direction /= np.linalg.norm(direction)
+    h = 1e-5
+    plus = evaluator.energies(x[0] + h * direction)
+    minus = evaluator.energies(x[0] - h * direction)
+    finite_difference = (plus - minus) / (2 * h)
+    analytic = float(np.sum(positions.grad.numpy()[0] * direction))
+    assert abs(finite_difference - analytic) < 1e-3 * max(1.0, abs(analytic))
+
+
+def test_save_load_round_trip_and_compatibility(model, ala, tmp_path):
+    path = tmp_path / "timewarp.pt"
+    model.save(path, {"tau_ps": 0.5, "topology_fingerprint": ala.fingerprint()})
+    loaded = TimewarpModel.load(path, molecular_system=ala)
+    x_new, v_new, log_prob = model.sample(ala.positions_nm, 4, generator=7)
+    np.testing.assert_allclose(loaded.log_prob(x_new, v_new, ala.positions_nm), log_prob, atol=2e-4)
+    assert loaded.tau_ps == 0.5 and loaded.vocabulary == model.vocabulary
+
+    other = types.SimpleNamespace(name="other", atom_labels=ala.atom_labels[:10])
+    with pytest.raises(ConfSampleError, match="trained on 22 atoms"):
+        loaded.check_compatible(other)
+    with pytest.raises(ConfSampleError, match="first difference at atom 1"):
+        loaded.check_compatible(types.SimpleNamespace(name="x", atom_labels=[ala.atom_labels[0]] + ["X:Y"] * 21))
+    with pytest.raises(ConfSampleError, match="trained on 22 atoms"):
+        TimewarpModel.load(path, molecular_system=other)
+
+
+def test_bad_input_raises(model, ala):
+    with pytest.raises(ConfSampleError, match="x_cond"):
+        model.sample(ala.positions_nm[:10], 2)
+    nan_positions = ala.positions_nm.copy()
+    nan_positions[3, 1] = np.nan
+    with pytest.raises(ConfSampleError, match="x_cond contain NaN"):
+        model.sample(nan_positions, 2)
+    with pytest.raises(ConfSampleError, match="n_samples"):
+        model.sample(ala.positions_nm, 0)
+    x_new, v_new, _ = model.sample(ala.positions_nm, 2, generator=0)
+    with pytest.raises(ConfSampleError, match="x_target"):
+        model.log_prob(x_new[:, :21], v_new, ala.positions_nm)
+    with pytest.raises(ConfSampleError, match="v_target has 1 samples"):
+        model.log_prob(x_new, v_new[:1], ala.positions_nm)
+    with pytest.raises(ConfSampleError, match="x0"):
+        TimewarpTrainer(SMALL, progress=False).fit_likelihood(np.full((4, 22, 3), np.nan), np.zeros((4, 22, 3)),
+                                                              ala.atom_labels)
+    with pytest.raises(ConfSampleError, match="config.hidden_dim"):
+        TimewarpConfig(hidden_dim=0)
+    with pytest.raises(ConfSampleError, match="fit_likelihood first"):
+        TimewarpTrainer(SMALL, progress=False).fit_acceptance(np.zeros((2, 22, 3)), lambda x: None, 2.49)
+
+
+def test_random_rotations_are_rotations():
+    rot = random_rotations(16, torch.Generator().manual_seed(0), dtype=torch.float64)
+    identity = torch.eye(3, dtype=torch.float64).expand(16, 3, 3)
+    assert torch.allclose(rot @ rot.transpose(1, 2), identity, atol=1e-12)
+    assert torch.allclose(torch.linalg.det(rot), torch.ones(16, dtype=torch.float64), atol=1e-12)
+
+
+def test_chirality_finds_alanine_ca_and_mirror_flips_sign(ala):
+    centres = find_stereocentres(ala.topology, ala.positions_nm)
+    assert centres.shape == (1, 4) and centres[0, 0] == 8
+    assert set(centres[0, 1:]) <= {6, 9, 10, 14}
+    signs = chirality_signs(ala.positions_nm, centres)
+    mirrored = ala.positions_nm * np.array([1.0, 1.0, -1.0])
+    assert signs.shape == (1,) and signs[0] != 0
+    assert chirality_signs(mirrored, centres)[0] == -signs[0]
+    batch = chirality_signs(np.stack([ala.positions_nm, mirrored, ala.positions_nm + 1.0]), centres)
+    assert batch.tolist() == [[signs[0]], [-signs[0]], [signs[0]]]
+    with pytest.raises(ConfSampleError, match="positions_nm has 21 atoms"):
+        find_stereocentres(ala.topology, ala.positions_nm[:21])
+
+
+@pytest.fixture(scope="module")
+def long_md_pairs(ala):
+    """700 pairs (350 ps of MD, about 35 s): enough for the network to beat its data-fitted Gaussian start."""
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 1 * unit.femtosecond)
+    integrator.setRandomNumberSeed(99)
+    context = ala.create_context("Reference", integrator)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(300 * unit.kelvin, 99)
+    integrator.step(2000)
+    frames = []
+    for _ in range(701):
+        integrator.step(500)
+        frames.append(context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    frames = np.array(frames)
+    return frames[:-1], frames[1:]
+
+
+@pytest.mark.slow
+def test_training_beats_the_data_fitted_gaussian(ala, long_md_pairs):
+    """Three epochs on 600 pairs improve the held-out NLL over the trainer's per-atom-type Gaussian start."""
+    x0, x1 = long_md_pairs
+    trainer = TimewarpTrainer(SMALL, seed=0, progress=False)
+    trainer.fit_likelihood(x0[:600], x1[:600], ala.atom_labels, val=(x0[600:], x1[600:]), epochs=3, batch_size=16,
+                           lr=3e-3)
+    assert min(trainer.history["val_nll"]) < trainer.history["initial_val_nll"][0] - 1.0
