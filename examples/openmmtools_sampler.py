@@ -4,11 +4,11 @@ Run:  python examples/openmmtools_sampler.py        (about 20 s on 2 CPU cores)
 """
 
 import numpy as np
+import openmm_confsample  # noqa: F401  (first: it silences pymbar's import-time banner)
 import openmm
 from openmm import unit
 from openmmtools import cache, mcmc
 
-from openmm_confsample.data.datasets import torsion_angles  # noqa: F401  (for trajectories; here we read positions)
 from openmm_confsample.geometry import dihedral_angles
 from openmm_confsample.models import shipped_model_path
 from openmm_confsample.moves.torsion_diffusion import TorsionDiffusionMove

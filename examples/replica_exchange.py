@@ -7,6 +7,7 @@ Run:  python examples/replica_exchange.py        (about 40 s on 2 CPU cores)
 import os
 import tempfile
 
+import openmm_confsample  # noqa: F401  (first: it silences pymbar's import-time banner)
 import openmm
 import openmm.app as app
 from openmm import unit

@@ -1,0 +1,73 @@
+"""The confsample command: help, the simulate/train/sample/reweight path, one-sentence errors."""
+
+import json
+import os
+
+import mdtraj
+import numpy as np
+import pytest
+
+from openmm_confsample.cli import main
+
+
+def test_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for command in ("simulate", "train", "sample", "reweight"):
+        assert command in out
+
+
+def test_simulate_writes_trajectory_and_prints_throughput(tmp_path, capsys):
+    prefix = tmp_path / "md"
+    assert main(["simulate", "alanine-dipeptide-implicit", "--length-ps", "5", "--save-interval-ps", "0.5",
+                 "--out", str(prefix), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ns/day" in out
+    traj = mdtraj.load(f"{prefix}.dcd", top=f"{prefix}.pdb")
+    assert traj.n_frames == 10
+    phi = mdtraj.compute_phi(traj)[1]
+    assert np.all(phi < 0)  # 5 ps from the extended structure stays in the phi < 0 basins
+    assert json.load(open(f"{prefix}.json"))["n_frames"] == 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "alanine-tripeptide", "--quiet"], "neither a known system name"),
+    (["simulate", "alanine-dipeptide-implicit", "--length-ps", "-1", "--quiet"], "length_ps must be positive"),
+    (["simulate", "missing.pdb", "--quiet"], "PDB file 'missing.pdb' does not exist"),
+    (["sample", "alanine-dipeptide-implicit", "--move", "diffusion", "--quiet"], "--model is required"),
+    (["train", "diffusion", "alanine-dipeptide-implicit", "--trajectories", "nope.dcd", "--out", "m.pt"],
+     "'nope.dcd' does not exist"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_train_then_sample_with_the_model(tmp_path, capsys, short_md):
+    model = tmp_path / "diffusion.pt"
+    assert main(["train", "diffusion", "alanine-dipeptide-implicit", "--trajectories", short_md.trajectory_path,
+                 "--out", str(model), "--epochs", "2", "--quiet"]) == 0
+    assert model.exists() and (tmp_path / "diffusion_loss.png").exists()
+    prefix = tmp_path / "hybrid"
+    assert main(["sample", "alanine-dipeptide-implicit", "--model", str(model), "--length-ps", "2",
+                 "--move-interval", "100", "--save-interval-ps", "0.5", "--out", str(prefix), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "acceptance" in out
+    summary = json.load(open(f"{prefix}.json"))
+    assert summary["move_statistics"]["n_moves"] == 20 and summary["exact"] is True
+    assert mdtraj.load(f"{prefix}.dcd", top=f"{prefix}.pdb").n_frames == 4
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+
+
+def test_reweight_pipeline_command(tmp_path, capsys):
+    from openmm_confsample.models import shipped_model_path
+
+    out_dir = tmp_path / "rw"
+    assert main(["reweight", "alanine-dipeptide-implicit", "--model", shipped_model_path(), "--n-samples", "20",
+                 "--validate-ps", "0.5", "--validate-count", "2", "--out", str(out_dir), "--quiet"]) == 0
+    for name in ("resampled.pdb", "resampled.dcd", "weights.csv", "summary.json", "validation.png"):
+        assert (out_dir / name).exists(), name
