@@ -119,6 +119,13 @@ def _cmd_reweight(args):
         print(f"wrote {png}")
 
 
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(args.out, args.seconds, args.model, args.system, args.train, progress=not args.quiet, seed=args.seed,
+             forcefield_files=args.forcefield)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="confsample",
@@ -203,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     reweight.add_argument("--out", default="runs/reweight", help="output directory (default runs/reweight)")
     reweight.add_argument("--quiet", action="store_true", help="no progress bar")
     reweight.set_defaults(func=_cmd_reweight)
+
+    demo = commands.add_parser("demo", help="the main job: plain MD vs MD + learned torsion moves, same wall time",
+                               description="Run plain MD and MD + TorsionDiffusionMove for the same wall time on "
+                                           "alanine-dipeptide-implicit with the model the package ships; print "
+                                           "acceptance, P(phi>0) and the ESS/s ratio; write ramachandran.png and "
+                                           "summary.json.")
+    demo.add_argument("--out", default="confsample-demo", help="output folder (default confsample-demo)")
+    demo.add_argument("--seconds", type=float, default=60.0, help="wall seconds per method (default 60)")
+    demo.add_argument("--model", default=None, help="torsion diffusion checkpoint (default: the shipped model)")
+    demo.add_argument("--system", default="alanine-dipeptide-implicit", help="registry name or PDB file")
+    demo.add_argument("--forcefield", nargs="+", default=None, metavar="XML", help="force fields for a PDB system")
+    demo.add_argument("--train", action="store_true", help="train a model for the system first (own MD data)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
 
     for register in _EXTRA_COMMANDS:
         register(commands)

@@ -1,0 +1,184 @@
+"""Budgeted samplers, the comparison table and the demo: small budgets, finite output, known statistics."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from openmm_confsample import benchmarking as B
+from openmm_confsample.errors import ConfSampleError
+from openmm_confsample.models.torsion_diffusion import TorsionDiffusionTrainer
+
+BUDGET_S = 2.0
+
+
+def _check_run(run, kind):
+    run.check()
+    assert run.n_samples >= 5
+    assert np.all(np.abs(run.phi) <= np.pi) and np.all(np.abs(run.psi) <= np.pi)
+    assert len(run.sample_times) == run.n_samples and np.all(np.diff(run.sample_times) >= 0)
+    # the clock runs until the budget is spent, then finishes the current segment/iteration
+    assert BUDGET_S <= run.wall_seconds < BUDGET_S + 5.0
+    assert run.settings["kind"] == kind
+    json.dumps(run.to_dict())  # plain values only
+
+
+def test_plain_md_counts(ala_implicit):
+    run = B.run_plain_md(ala_implicit, BUDGET_S, sample_every_steps=20, seed=1)
+    _check_run(run, "md")
+    assert run.n_energy_evaluations == 20 * run.n_samples  # one force evaluation per step
+    assert run.exact and run.weights is None
+
+
+def test_md_with_moves_counts(ala_implicit):
+    proposal = B.basin_proposal(ala_implicit)
+    run = B.run_md_with_moves(ala_implicit, proposal, BUDGET_S, md_steps_per_segment=20, moves_per_segment=2,
+                              seed=1)
+    _check_run(run, "md+moves")
+    stats = run.acceptance
+    assert stats["n_moves"] == 2 * run.n_samples
+    assert stats["n_proposed"] == 2 * run.n_samples  # n_proposals=1
+    assert 0.0 < stats["acceptance_rate"] < 1.0
+    # MD steps + scored candidates + one energy read per segment + one force read per corrected segment
+    corrections = run.settings["velocity_corrections"]
+    assert 0 < corrections <= run.n_samples
+    assert run.n_energy_evaluations == (20 * run.n_samples + stats["n_proposed"] - stats["n_invalid"] + run.n_samples
+                                        + corrections)
+
+
+def test_parallel_tempering_counts(ala_implicit):
+    run = B.run_parallel_tempering(ala_implicit, BUDGET_S, n_replicas=3, steps_per_iteration=100, seed=1)
+    _check_run(run, "pt")
+    assert run.acceptance["iterations"] == run.n_samples
+    assert run.n_energy_evaluations == run.n_samples * (3 * 100 + 3**2)
+    assert run.settings["temperatures_K"][0] == pytest.approx(300.0)
+    assert 0.0 <= run.acceptance["exchange_acceptance"] <= 1.0
+
+
+def test_samplers_refuse_bad_input(ala_implicit):
+    with pytest.raises(ConfSampleError, match="wall_seconds"):
+        B.run_plain_md(ala_implicit, -1.0)
+    with pytest.raises(ConfSampleError, match="proposal"):
+        B.run_md_with_moves(ala_implicit, "not a proposal", 1.0)
+    with pytest.raises(ConfSampleError, match="t_max"):
+        B.run_parallel_tempering(ala_implicit, 1.0, t_min=400, t_max=300)
+
+
+# -- the comparison on synthetic runs with known statistics -------------------------------------------
+
+
+def _synthetic(method, phi, wall=10.0, kind="md"):
+    rng = np.random.default_rng(len(method))
+    return B.SamplerRun(method, np.asarray(phi, float), rng.uniform(-np.pi, np.pi, len(phi)), wall, 1000,
+                        {"acceptance_rate": 0.5}, True, None, np.linspace(0, wall, len(phi)), {"kind": kind})
+
+
+def test_summarize_known_ess_and_free_energy():
+    rng = np.random.default_rng(0)
+    n, p = 40000, 0.1
+    iid = np.where(rng.random(n) < p, 1.0, -1.0)  # independent draws: ESS = N, Delta F = -ln(p / (1 - p))
+    # a two-state Markov chain with entry/exit probabilities a, b: P(phi > 0) = a / (a + b) = p and
+    # tau_int = (2 - a - b) / (a + b) = 19, so ESS = N / 19
+    a, b = 0.01, 0.09
+    state, markov = 0, np.empty(n)
+    for i, u in enumerate(rng.random(n)):
+        state = (u < a) if state == 0 else (u >= b)
+        markov[i] = 1.0 if state else -1.0
+    rows = B.summarize([_synthetic("MD", markov), _synthetic("iid", iid)])
+    by = {r["method"]: r for r in rows}
+    expected_f = -math.log(p / (1 - p))
+    # ESS of iid data: N within the ~10 % noise of the estimate
+    assert by["iid"]["ess_phi"] == pytest.approx(n, rel=0.1)
+    # Markov chain: N / 19; ~2100 effective samples give ~15 % noise on tau
+    assert by["MD"]["ess_phi"] == pytest.approx(n / 19, rel=0.25)
+    assert by["iid"]["ratio_vs_md"] == pytest.approx(by["iid"]["ess_phi"] / by["MD"]["ess_phi"])
+    assert by["iid"]["ess_phi_per_s"] == pytest.approx(by["iid"]["ess_phi"] / 10.0)
+    for row in rows:  # 4 sigma of the block errors
+        assert abs(row["delta_f_kT"] - expected_f) < 4 * row["delta_f_error_kT"]
+    sigma_f = math.sqrt(p * (1 - p) / n) / (p * (1 - p))  # error of Delta F for N independent draws
+    assert by["iid"]["delta_f_error_kT"] == pytest.approx(sigma_f, rel=0.5)  # 10 blocks: ~25 % noise on sigma
+    table = B.markdown_table(rows)
+    assert table.count("\n") == 2 + len(rows) and "| iid |" in table
+
+
+def test_indicator_ess_is_bounded_by_entries():
+    x = np.zeros(10000)
+    x[5000:5002] = 1.0  # one brief visit: the autocorrelation ESS is large, the two-state bound is not
+    ess, autocorrelation_ess, entries, upper_bound = B.indicator_ess(x, p=0.02)
+    assert entries == 1 and not upper_bound
+    assert autocorrelation_ess > 1000
+    assert ess == pytest.approx(1 / (2 * 0.02 * 0.98), rel=0.01)  # slow limit: entries / (2 p (1 - p))
+    never = B.indicator_ess(np.zeros(10000), p=0.02)  # no visit: one visit's worth, flagged as an upper bound
+    assert never[0] == pytest.approx(1 / (2 * 0.02 * 0.98), rel=0.01) and never[3]
+    iid = (np.random.default_rng(3).random(20000) < 0.02).astype(float)
+    assert B.indicator_ess(iid, p=0.02)[0] == pytest.approx(20000, rel=0.1)  # fast limit: N
+
+
+def test_summarize_with_reference_gives_z_and_jsd():
+    rng = np.random.default_rng(1)
+    phi = np.where(rng.random(5000) < 0.2, 1.0, -1.5) + rng.normal(0, 0.1, 5000)
+    reference_run = _synthetic("reference", phi, wall=50.0)
+    p = float(np.mean(phi > 0))
+    reference = B.ReferenceEstimate(p, 0.005, -math.log(p / (1 - p)), 0.03, reference_run, {})
+    rows = B.summarize([_synthetic("MD", phi[:2500]), _synthetic("PT", phi[2500:], kind="pt")], reference)
+    assert [r["method"] for r in rows] == ["MD", "PT", "reference"]
+    for row in rows[:2]:
+        assert abs(row["z_vs_reference"]) < 4
+        assert 0.0 <= row["jsd"] < 0.1  # same distribution, 2500 samples in 36 x 36 bins
+        assert np.isfinite(row["ess_tic0"])
+    assert rows[1]["ratio_vs_pt"] == pytest.approx(1.0)
+
+
+def test_reference_is_cached(tmp_path, ala_implicit):
+    path = str(tmp_path / "ref.npz")
+    first = B.run_reference(ala_implicit, 2.0, seed=5, cache_path=path)
+    assert not first.from_cache and 0.0 <= first.p_phi_positive <= 1.0
+    again = B.run_reference(ala_implicit, 2.0, seed=5, cache_path=path)
+    assert again.from_cache
+    assert again.p_phi_positive == first.p_phi_positive
+    np.testing.assert_array_equal(again.run.phi, first.run.phi)
+    other_seed = B.run_reference(ala_implicit, 1.0, seed=6, cache_path=path)
+    assert not other_seed.from_cache
+
+
+# -- the demo ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, ala_implicit):
+    rng = np.random.default_rng(2)
+    centres = np.array([[-1.4, 2.6], [-1.3, -0.7], [1.0, 0.6]])
+    which = rng.choice(3, size=2000, p=[0.6, 0.3, 0.1])
+    angles = np.angle(np.exp(1j * rng.normal(centres[which], 0.3)))
+    quads = B.phi_psi_torsions(ala_implicit)
+    metadata = {"torsions": [("phi", quads[0].tolist()), ("psi", quads[1].tolist())],
+                "topology_fingerprint": ala_implicit.fingerprint()}
+    model = TorsionDiffusionTrainer(hidden=16, n_layers=2, max_epochs=3, n_steps=10, progress=False).fit(
+        angles, metadata=metadata).fetch_model()
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    model.save(path)
+    return str(path)
+
+
+def test_demo_writes_plot_and_summary(tmp_path, tiny_model):
+    from openmm_confsample.demo import run_demo
+
+    summary = run_demo(str(tmp_path / "demo"), wall_seconds=2.0, model_path=tiny_model, progress=False, quiet=True)
+    assert (tmp_path / "demo" / "ramachandran.png").stat().st_size > 1000
+    written = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert {"system", "wall_seconds", "model", "methods", "ratio_ess_per_s", "files", "created"} <= set(written)
+    assert [m["method"] for m in written["methods"]] == ["MD", "MD+TorsionDiffusionMove"]
+    for row in written["methods"]:
+        assert {"acceptance", "p_phi_positive", "p_error", "ess_phi_per_s", "ratio_vs_md"} <= set(row)
+    assert written["model"]["source"] == "user"
+    assert summary["system"] == "alanine-dipeptide-implicit"
+
+
+def test_demo_refuses_a_model_of_another_system(tmp_path, tiny_model):
+    from openmm_confsample.demo import run_demo
+    from openmm_confsample.testing import four_atom_torsion_system
+
+    with pytest.raises(ConfSampleError, match="another topology"):
+        run_demo(str(tmp_path / "demo"), wall_seconds=1.0, model_path=tiny_model,
+                 system=four_atom_torsion_system(), progress=False, quiet=True)
