@@ -33,7 +33,7 @@ from .benchmarking import (SamplerRun, markdown_table, run_md_with_moves, run_pl
 from .errors import ConfSampleError
 from .systems import MolecularSystem, resolve_system
 
-__all__ = ["SHIPPED_MODEL", "SHIPPED_MODEL_SETTINGS", "run_demo", "make_shipped_model", "register"]
+__all__ = ["SHIPPED_MODEL", "SHIPPED_MODEL_SETTINGS", "run_demo", "make_shipped_model"]
 
 #: The torsion diffusion model for alanine-dipeptide-implicit that the package ships.
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources",
@@ -202,16 +202,3 @@ def run_demo(out_dir: str = "confsample-demo", wall_seconds: float = 60.0, model
 
 def _is_alanine(molsys: MolecularSystem) -> bool:
     return molsys.name.startswith("alanine-dipeptide")
-
-
-def register(subparsers) -> None:
-    """Add ``confsample demo`` to the CLI (for ``cli._EXTRA_COMMANDS``)."""
-    parser = subparsers.add_parser("demo", help="plain MD vs MD + learned torsion move, same wall time")
-    parser.add_argument("--out", default="confsample-demo", help="output folder (default confsample-demo)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="wall seconds per method (default 60)")
-    parser.add_argument("--model", default=None, help="torsion diffusion checkpoint (default: the shipped model)")
-    parser.add_argument("--system", default="alanine-dipeptide-implicit", help="registry name or PDB file")
-    parser.add_argument("--train", action="store_true", help="train a model for the system first")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=lambda args: run_demo(args.out, args.seconds, args.model, args.system, args.train,
-                                                   progress=not args.quiet))

@@ -20,6 +20,21 @@ from ..geometry.torsions import TorsionSet
 from .engine import Proposal, ProposalBatch
 
 
+def torsion_set_config(torsion_set: TorsionSet) -> dict:
+    """A TorsionSet as plain lists (for openmmtools serialization)."""
+    return {
+        "bonds": np.asarray(torsion_set.bonds).tolist(),
+        "n_atoms": int(torsion_set.n_atoms),
+        "torsions": np.asarray(torsion_set.torsions).tolist(),
+        "names": list(torsion_set.names),
+    }
+
+
+def torsion_set_from_config(config: dict) -> TorsionSet:
+    return TorsionSet(np.array(config["bonds"]), config["n_atoms"], np.array(config["torsions"]),
+                      names=config.get("names"))
+
+
 def wrap_angle(angle):
     """Wrap radians to [-pi, pi)."""
     return (np.asarray(angle) + np.pi) % (2.0 * np.pi) - np.pi
@@ -83,21 +98,12 @@ class VonMisesTorsionProposal(Proposal):
         return ProposalBatch(self.torsion_set.set_values(batch, new), log_correction)
 
     def get_config(self):
-        return {
-            "bonds": np.asarray(self.torsion_set.bonds).tolist(),
-            "n_atoms": int(self.torsion_set.n_atoms),
-            "torsions": np.asarray(self.torsion_set.torsions).tolist(),
-            "names": list(self.torsion_set.names) if self.torsion_set.names is not None else None,
-            "kappa": self.kappa.tolist(),
-            "mu": self.mu.tolist(),
-            "mode": self.mode,
-        }
+        return {**torsion_set_config(self.torsion_set), "kappa": self.kappa.tolist(), "mu": self.mu.tolist(),
+                "mode": self.mode}
 
     @classmethod
     def from_config(cls, config):
-        torsion_set = TorsionSet(np.array(config["bonds"]), config["n_atoms"], np.array(config["torsions"]),
-                                 names=config.get("names"))
-        return cls(torsion_set, kappa=config["kappa"], mu=config["mu"], mode=config["mode"])
+        return cls(torsion_set_from_config(config), kappa=config["kappa"], mu=config["mu"], mode=config["mode"])
 
 
 class GaussianDisplacementProposal(Proposal):
@@ -183,21 +189,12 @@ class VonMisesMixtureProposal(Proposal):
         return ProposalBatch(self.torsion_set.set_values(batch, new), log_correction)
 
     def get_config(self):
-        return {
-            "bonds": np.asarray(self.torsion_set.bonds).tolist(),
-            "n_atoms": int(self.torsion_set.n_atoms),
-            "torsions": np.asarray(self.torsion_set.torsions).tolist(),
-            "names": list(self.torsion_set.names),
-            "centers": self.centers.tolist(),
-            "kappas": self.kappas.tolist(),
-            "weights": self.weights.tolist(),
-        }
+        return {**torsion_set_config(self.torsion_set), "centers": self.centers.tolist(),
+                "kappas": self.kappas.tolist(), "weights": self.weights.tolist()}
 
     @classmethod
     def from_config(cls, config):
-        torsion_set = TorsionSet(np.array(config["bonds"]), config["n_atoms"], np.array(config["torsions"]),
-                                 names=config.get("names"))
-        return cls(torsion_set, config["centers"], config["kappas"], config["weights"])
+        return cls(torsion_set_from_config(config), config["centers"], config["kappas"], config["weights"])
 
 
 #: Basin centres (phi, psi) in degrees of alanine dipeptide: C7eq/beta, PII, alpha_R, alpha_L, C7ax.

@@ -26,6 +26,7 @@ from ..systems import MolecularSystem
 from . import model_cache
 from .engine import Proposal, ProposalBatch
 from .mcmc import LearnedMCMCMove
+from .proposals import torsion_set_config, torsion_set_from_config
 
 
 def _load(path):
@@ -136,21 +137,12 @@ class TorsionDiffusionProposal(Proposal):
         self._last_log_q = float(batch.info["log_q"][index])
 
     def get_config(self):
-        return {
-            "model": self.model_key,
-            "bonds": np.asarray(self.torsion_set.bonds).tolist(),
-            "n_atoms": int(self.torsion_set.n_atoms),
-            "torsions": np.asarray(self.torsion_set.torsions).tolist(),
-            "names": list(self.torsion_set.names),
-            "buffer_size": self.buffer_size,
-        }
+        return {"model": self.model_key, **torsion_set_config(self.torsion_set), "buffer_size": self.buffer_size}
 
     @classmethod
     def from_config(cls, config):
         model = model_cache.get_model(config["model"], _load)
-        torsion_set = TorsionSet(np.array(config["bonds"]), config["n_atoms"], np.array(config["torsions"]),
-                                 names=config.get("names"))
-        return cls(model, torsion_set, config["buffer_size"])
+        return cls(model, torsion_set_from_config(config), config["buffer_size"])
 
 
 class TorsionDiffusionMove(LearnedMCMCMove):
