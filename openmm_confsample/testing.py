@@ -30,6 +30,7 @@ from scipy import integrate, stats
 
 from .analysis.statistics import integrated_autocorrelation_time
 from .moves.engine import MetropolisHastingsEngine, Proposal, ProposalBatch
+from .moves.reporter import run_engine_steps
 from .systems import MolecularSystem, kT_kJ_per_mol
 
 #: Torsion terms (force constant kJ/mol, periodicity, phase rad) of the four-atom chain: three unequal wells.
@@ -191,9 +192,8 @@ def run_chain(molsys: MolecularSystem, move, n_iterations: int, observable, md_s
         if md_steps:
             integrator.step(md_steps)
         if engine is not None:
-            positions = engine.step(context, kT).positions_nm
-        else:
-            positions = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            run_engine_steps(context, engine, kT)
+        positions = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         values.append(observable(positions))
     return ChainResult(np.asarray(values), engine.statistics if engine is not None else {})
 

@@ -13,7 +13,7 @@ from openmm import unit
 from ..errors import ConfSampleError
 from ..systems import kT_kJ_per_mol
 from .engine import MetropolisHastingsEngine
-from .reporter import _as_engine
+from .reporter import _as_engine, run_engine_steps
 
 try:
     from openmm.app import ReplicaExchangeSampler as _NativeReplicaExchangeSampler
@@ -74,12 +74,7 @@ if _NativeReplicaExchangeSampler is not None:
             engine = self.engines[state_index]
             kT = self._state_kT(state_index)
             context = self.simulation.context
-            positions = energy = None
-            accepted = False
-            for _ in range(self.movesPerIteration):
-                result = engine.step(context, kT, positions, energy)
-                positions, energy = result.positions_nm, result.potential_kJ
-                accepted |= result.accepted
+            accepted = run_engine_steps(context, engine, kT, self.movesPerIteration)
             if accepted:
                 self.replicaConformation[index] = context.getState(positions=True, velocities=True, parameters=True,
                                                                    integratorParameters=True)
