@@ -44,6 +44,7 @@ from .errors import ConfSampleError
 from .geometry.torsions import TorsionSet, dihedral_angles
 from .moves.engine import MetropolisHastingsEngine, Proposal
 from .moves.proposals import alanine_basin_proposal
+from .moves.reporter import run_engine_steps
 from .systems import MolecularSystem, kT_kJ_per_mol, to_kelvin
 
 __all__ = [
@@ -428,10 +429,8 @@ def run_md_with_moves(molsys: MolecularSystem, proposal, wall_seconds: float, md
     quads = phi_psi_torsions(molsys)
     integrator = _langevin(temperature_K, friction_per_ps, timestep_fs)
     context = _prepared_context(molsys, integrator, platform, seed, temperature_K, equilibration_steps, positions_nm)
-    # LangevinMiddleIntegrator keeps half-step velocities v - (dt/2) F(x)/m; after a jump x -> x' they are
-    # shifted by (dt/2) (F(x) - F(x'))/m so that the on-step velocity is what the jump leaves unchanged.
-    # Without it every accepted jump injects kinetic energy (measured: +70 K with moves every 10 steps).
-    half_dt_over_m = 0.5 * timestep_fs * 1e-3 / molsys.masses_amu[:, None]  # ps / amu; (kJ/mol/nm)/amu = nm/ps^2
+    # LangevinMiddleIntegrator keeps half-step velocities; run_engine_steps shifts them after accepted jumps
+    # (see moves.reporter). Without it every accepted jump injects kinetic energy (+70 K with moves every 10 steps).
     angles, times = [], []
     n_steps = n_segments = n_force_reads = 0
     clock = _Clock(wall_seconds, progress, method)
@@ -439,21 +438,15 @@ def run_md_with_moves(molsys: MolecularSystem, proposal, wall_seconds: float, md
         if md_steps_per_segment:
             integrator.step(md_steps_per_segment)
             n_steps += md_steps_per_segment
-        state = context.getState(getPositions=True, getEnergy=True, getForces=velocity_correction)
-        positions = state.getPositions(asNumpy=True).value_in_unit(_NM)
-        energy = state.getPotentialEnergy().value_in_unit(_KJ)
-        accepted = 0
-        for _ in range(moves_per_segment):
-            result = engine.step(context, kT, positions, energy)
-            positions, energy = result.positions_nm, result.potential_kJ
-            accepted += result.n_accepted
-        if accepted and velocity_correction:
-            forces_before = state.getForces(asNumpy=True).value_in_unit(_KJ / _NM)
-            after = context.getState(getForces=True, getVelocities=True)
-            forces_after = after.getForces(asNumpy=True).value_in_unit(_KJ / _NM)
-            velocities = after.getVelocities(asNumpy=True).value_in_unit(_NM / unit.picosecond)
-            context.setVelocities(velocities + half_dt_over_m * (forces_before - forces_after))
-            n_force_reads += 1
+        if velocity_correction:
+            accepted = run_engine_steps(context, engine, kT, moves_per_segment)
+            n_force_reads += int(accepted > 0)
+            positions = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(_NM)
+        else:
+            positions = energy = None
+            for _ in range(moves_per_segment):
+                result = engine.step(context, kT, positions, energy)
+                positions, energy = result.positions_nm, result.potential_kJ
         n_segments += 1
         angles.append(dihedral_angles(positions, quads))
         times.append(clock.elapsed())
