@@ -4,7 +4,8 @@
     python benchmarks/run.py --mode full --out benchmarks/out/full   # ~25 min: the numbers in benchmarks/README.md
 
 Methods (same wall budget each): plain MD; MD + TorsionDiffusionMove; MD + von Mises basin mixture (the
-non-learned baseline); parallel tempering (openmmtools, 4 replicas 300-550 K); optionally
+non-learned baseline); parallel tempering (openmmtools, 4 replicas 300-550 K); MD with a learned torsion
+bias (built in the run from unbiased MD by ``benchmarking.build_learned_bias``, reweighted); optionally
 PT + TorsionDiffusionMove (``--pt-learned``) and MD + TimewarpMove (``--timewarp-model PATH``).
 Every run is compared with an exact reference (MD + basin torsion moves, cached under benchmarks/cache/).
 The learned model's data generation and training time are reported separately and amortized
@@ -30,9 +31,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 MODES = {
-    # seconds per method, reference seconds, training budgets (data, train) when a model is trained here
-    "quick": {"seconds": 8.0, "reference_seconds": 15.0, "data_seconds": 10.0, "train_seconds": 10.0},
-    "full": {"seconds": 180.0, "reference_seconds": 300.0, "data_seconds": 120.0, "train_seconds": 120.0},
+    # seconds per method, reference seconds, training budgets (data, train) when a model is trained here,
+    # and the learned bias's build (unbiased MD seconds, refinement rounds, ps per round, training s per round)
+    "quick": {"seconds": 8.0, "reference_seconds": 15.0, "data_seconds": 10.0, "train_seconds": 10.0,
+              "bias": {"data_seconds": 3.0, "rounds": 1, "round_ps": 5.0, "train_seconds_per_round": 3.0}},
+    "full": {"seconds": 180.0, "reference_seconds": 300.0, "data_seconds": 120.0, "train_seconds": 120.0,
+             "bias": {"data_seconds": 15.0, "rounds": 3, "round_ps": 200.0, "train_seconds_per_round": 60.0}},
 }
 
 
@@ -70,6 +74,9 @@ def main(argv=None) -> int:
                         help="torsion diffusion checkpoint (default: full mode trains one, quick mode uses the shipped one)")
     parser.add_argument("--timewarp-model", default=None, help="Timewarp checkpoint: adds MD+TimewarpMove")
     parser.add_argument("--pt-learned", action="store_true", help="add PT with the TorsionDiffusionMove in each replica")
+    parser.add_argument("--learned-bias", default=None,
+                        help="saved LearnedTorsionBias for MD+learned bias (default: built in the run from unbiased MD)")
+    parser.add_argument("--no-learned-bias", action="store_true", help="leave out MD+learned bias")
     parser.add_argument("--cache", default=os.path.join(HERE, "cache"), help="reference cache folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -119,9 +126,25 @@ def main(argv=None) -> int:
                     "train_seconds": recorded[1] if recorded else None}
     print(f"torsion model: {model_path}", flush=True)
 
+    # -- the learned bias (openmm-torch issue): unbiased MD -> model -> refined by rounds of biased MD --------
+    bias_path, bias_build = args.learned_bias, None
+    if bias_path is None and not args.no_learned_bias:
+        bias_path = os.path.join(out, "learned_bias.pt")
+        print(f"building a learned bias: {mode['bias']}", flush=True)
+        try:
+            built = B.build_learned_bias(molsys, bias_path, seed=args.seed, progress=progress, verbose=progress,
+                                         **mode["bias"])
+            bias_build = {"data_seconds": built.data_seconds, "train_seconds": built.train_seconds,
+                          "settings": built.settings, "path": bias_path}
+            print(f"  {built.data_seconds:.0f} s unbiased MD + {built.train_seconds:.0f} s refinement", flush=True)
+        except Exception as exc:
+            traceback.print_exc()
+            failures.append(f"learned bias build: {type(exc).__name__}: {exc}")
+            bias_path = None
+
     # -- the methods -------------------------------------------------------------------------------
     table = B.method_table(molsys, torsion_model=model_path, timewarp_model=args.timewarp_model,
-                           pt_learned=args.pt_learned, **DEMO_MOVE_SETTINGS)
+                           pt_learned=args.pt_learned, learned_bias=bias_path, **DEMO_MOVE_SETTINGS)
     runs = []
     for index, (name, runner) in enumerate(table.items()):
         print(f"{name}: {seconds:g} s", flush=True)
@@ -138,6 +161,8 @@ def main(argv=None) -> int:
     if training.get("data_seconds") is not None:
         one_off = training["data_seconds"] + training["train_seconds"]
         extra = {r.method: one_off for r in runs if "TorsionDiffusion" in r.method}
+    if bias_build is not None:
+        extra["MD+learned bias"] = bias_build["data_seconds"] + bias_build["train_seconds"]
     rows = []
     if runs:
         try:
@@ -174,12 +199,20 @@ def main(argv=None) -> int:
         lines.append(f"- torsion model: data {training['data_seconds']:.0f} s + training {training['train_seconds']:.0f} s "
                      f"({'trained in this run' if training['trained_here'] else 'recorded in the checkpoint'}), "
                      f"amortized in `ESS/s incl. training`")
+    if bias_build is not None:
+        rounds = bias_build["settings"]["rounds"]
+        lines.append(f"- learned bias: {bias_build['data_seconds']:.0f} s unbiased MD + {len(rounds) - 1} refinement "
+                     f"rounds ({bias_build['train_seconds']:.0f} s: training and biased MD), bias factor "
+                     f"{bias_build['settings']['bias_factor']:g}, cap {bias_build['settings']['cap_kT']:g} kT; "
+                     "Kish ESS per round: " + ", ".join(f"{r['kish_ess']:.0f}/{r['frames']}" for r in rounds
+                                                       if "kish_ess" in r))
     lines += ["", table_md]
     learned = [r for r in rows if r.get("ess_per_s_incl_training") is not None]
     for r in learned:
         lines.append(f"- {r['method']}: ESS/s incl. training = {r['ess_per_s_incl_training']:.3g}")
     lines += ["", "ESS(phi>0) = min(N / tau_int, two-state ESS N r / (2 - r) with r = entries / (N p_ref (1 - p_ref))) "
-              "(see `benchmarking.indicator_ess`); '≤' marks a run that never entered phi > 0 (ESS of one entry, an "
+              "(see `benchmarking.indicator_ess`); for the reweighted MD+learned bias, p_ref (1 - p_ref) / sigma_P^2 with "
+              "sigma_P its weighted block error; '≤' marks a run that never entered phi > 0 (ESS of one entry, an "
               "upper bound; ratios against it are lower bounds, '≥'). acceptance is the MH acceptance (exchange "
               "acceptance for PT); ms/proposal is the engine's wall time per MH candidate (model, geometry and "
               "energy). ΔF = F(phi>0) - F(phi<0) with 10-block errors; z = (ΔF - ΔF_ref) / combined error; JSD on "
@@ -189,7 +222,7 @@ def main(argv=None) -> int:
         lines += ["## Failures", ""] + [f"- {f}" for f in failures] + [""]
     _write(os.path.join(out, "results.md"), "\n".join(lines))
     payload = {"mode": args.mode, "seconds_per_method": seconds, "reference": reference.to_dict(),
-               "training": training, "rows": rows, "runs": [r.to_dict() for r in runs], "failures": failures,
+               "training": training, "learned_bias": bias_build, "rows": rows, "runs": [r.to_dict() for r in runs], "failures": failures,
                "total_seconds": time.perf_counter() - started, "package_version": __version__,
                "created": datetime.datetime.now().isoformat(timespec="seconds")}
     _write(os.path.join(out, "results.json"), json.dumps(payload, indent=2, default=_json_default))

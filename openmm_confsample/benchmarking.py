@@ -58,6 +58,7 @@ __all__ = [
     "run_reference",
     "basin_proposal",
     "train_torsion_model",
+    "build_learned_bias",
     "method_table",
     "summarize",
     "indicator_ess",
@@ -342,8 +343,8 @@ def _as_engine(move, n_proposals: int, seed) -> MetropolisHastingsEngine:
 def run_plain_md(molsys: MolecularSystem, wall_seconds: float, timestep_fs: float = 1.0, friction_per_ps: float = 1.0,
                  sample_every_steps: int = 50, seed: int = 0, platform: str = "Reference", temperature_K=None,
                  equilibration_steps: int = 1000, method: str = "MD", progress: bool = False,
-                 positions_nm=None) -> SamplerRun:
-    """Langevin MD (LangevinMiddleIntegrator) for ``wall_seconds`` of wall clock.
+                 positions_nm=None, bias=None, bias_backend: str = "auto") -> SamplerRun:
+    """Langevin MD (LangevinMiddleIntegrator) for ``wall_seconds`` of wall clock, optionally with a learned bias.
 
     Parameters
     ----------
@@ -360,28 +361,61 @@ def run_plain_md(molsys: MolecularSystem, wall_seconds: float, timestep_fs: floa
         Default: the system's temperature.
     equilibration_steps : int
         Steps after minimization, before the clock starts.
+    bias : LearnedTorsionBias or path, optional
+        A learned torsion bias (:mod:`openmm_confsample.bias`, e.g. from :func:`build_learned_bias`) added to
+        a copy of the System; each sample's bias energy is read from the bias's force group and the run
+        carries the weights ``exp(+B/kT)`` that make its averages unbiased.
+    bias_backend : {'auto', 'torchforce', 'pythonforce'}
     """
     wall_seconds = _check_budget(wall_seconds)
     sample_every_steps = _positive_int(sample_every_steps, "sample_every_steps")
     temperature_K = molsys.temperature_K if temperature_K is None else to_kelvin(temperature_K)
     quads = phi_psi_torsions(molsys)
+    bias_group, extra = None, {}
+    if bias is not None:
+        molsys, added = _with_bias(molsys, bias, bias_backend)
+        bias_group = {added.force_group}
+        extra = {"bias_backend": added.backend, "bias_factor": added.module.bias_factor}
     integrator = _langevin(temperature_K, friction_per_ps, timestep_fs)
     context = _prepared_context(molsys, integrator, platform, seed, temperature_K, equilibration_steps, positions_nm)
-    angles, times = [], []
+    angles, times, bias_kJ = [], [], []
     n_steps = 0
     clock = _Clock(wall_seconds, progress, method)
     while clock.running(samples=len(angles)):
         integrator.step(sample_every_steps)
         n_steps += sample_every_steps
-        x = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(_NM)
-        angles.append(dihedral_angles(x, quads))
+        if bias_group is None:
+            state = context.getState(getPositions=True)
+        else:
+            state = context.getState(getPositions=True, getEnergy=True, groups=bias_group)
+            bias_kJ.append(state.getPotentialEnergy().value_in_unit(_KJ))
+        angles.append(dihedral_angles(state.getPositions(asNumpy=True).value_in_unit(_NM), quads))
         times.append(clock.elapsed())
     wall = clock.close()
     angles = np.array(angles).reshape(-1, 2)
-    return SamplerRun(method, angles[:, 0], angles[:, 1], wall, n_steps, {}, True, None, np.array(times), {
-        "kind": "md", "timestep_fs": timestep_fs, "friction_per_ps": friction_per_ps,
+    weights = None
+    if bias_group is not None:
+        from .bias import reweighting_weights
+
+        weights = reweighting_weights(np.array(bias_kJ), kT_kJ_per_mol(temperature_K))
+    return SamplerRun(method, angles[:, 0], angles[:, 1], wall, n_steps, {}, True, weights, np.array(times), {
+        "kind": "md" if bias is None else "biased md", "timestep_fs": timestep_fs, "friction_per_ps": friction_per_ps,
         "sample_every_steps": sample_every_steps, "seed": seed, "platform": platform, "temperature_K": temperature_K,
-        "md_steps": n_steps, "simulated_ps": n_steps * timestep_fs * 1e-3})
+        "md_steps": n_steps, "simulated_ps": n_steps * timestep_fs * 1e-3, **extra})
+
+
+def _with_bias(molsys: MolecularSystem, bias, backend: str):
+    """A copy of ``molsys`` whose System carries ``bias`` (a LearnedTorsionBias or a path to one)."""
+    import copy
+    import dataclasses
+
+    from .bias import LearnedTorsionBias, add_learned_bias
+
+    if isinstance(bias, (str, os.PathLike)):
+        bias = LearnedTorsionBias.load(bias)
+    system = copy.deepcopy(molsys.system)
+    added = add_learned_bias(system, bias, kT=molsys.kT, backend=backend, verbose=False)
+    return dataclasses.replace(molsys, system=system), added
 
 
 def run_md_with_moves(molsys: MolecularSystem, proposal, wall_seconds: float, md_steps_per_segment: int = 50,
@@ -815,20 +849,73 @@ def train_torsion_model(molsys: MolecularSystem, out_path: str, data_seconds: fl
     return TrainingResult(str(out_path), data_wall, train_wall, int(len(angles)), settings, model)
 
 
+def build_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: float = 15.0, rounds: int = 3,
+                       round_ps: float = 200.0, bias_factor: float = 6.0, cap_kT: float = 12.0,
+                       train_seconds_per_round: float = 60.0, seed: int = 0, backend: str = "auto",
+                       progress: bool = False, verbose: bool = False) -> TrainingResult:
+    """Unbiased MD data, then :func:`openmm_confsample.bias.refine_learned_bias` on phi/psi; the bias is saved.
+
+    Parameters
+    ----------
+    molsys : MolecularSystem
+    out_path : str
+        Where the final :class:`~openmm_confsample.bias.LearnedTorsionBias` is saved (its metadata holds the
+        rounds).
+    data_seconds : float, s
+        Wall budget of the unbiased MD (frames every 50 steps) that trains round 0; MD at 300 K stays at
+        phi < 0, so round 0 knows nothing of phi > 0 and the refinement has to find it.
+    rounds, round_ps, bias_factor, cap_kT
+        As ``refine_learned_bias``.
+    train_seconds_per_round : float, s
+        Training budget of each round's torsion diffusion model.
+
+    Returns
+    -------
+    TrainingResult
+        ``data_seconds``: the unbiased MD; ``train_seconds``: the whole refinement (training and biased MD);
+        ``model``: the bias; ``settings['rounds']``: the per-round summary.
+    """
+    from .bias import refine_learned_bias
+
+    data_seconds = _check_budget(data_seconds)
+    t0 = time.perf_counter()
+    data = run_plain_md(molsys, data_seconds, sample_every_steps=50, seed=seed, method="data: MD", progress=progress)
+    data_wall = time.perf_counter() - t0
+    quads = phi_psi_torsions(molsys)
+    t0 = time.perf_counter()
+    refinement = refine_learned_bias(molsys, data.angles, rounds=rounds, round_ps=round_ps,
+                                     torsions={"phi": tuple(quads[0]), "psi": tuple(quads[1])},
+                                     bias_factor=bias_factor, cap_kT=cap_kT, seed=seed + 1, backend=backend,
+                                     trainer_options={"max_time_s": float(train_seconds_per_round)},
+                                     verbose=verbose, progress=progress)
+    refine_wall = time.perf_counter() - t0
+    settings = {"data_seconds": data_seconds, "unbiased_frames": data.n_samples,
+                "unbiased_fraction_phi_positive": float(np.mean(data.phi > 0)), "rounds": refinement.rounds,
+                "round_ps": round_ps, "bias_factor": bias_factor, "cap_kT": cap_kT,
+                "train_seconds_per_round": train_seconds_per_round, "seed": seed}
+    bias = refinement.bias
+    bias.metadata = {**bias.metadata, "system": molsys.name, "built_by": "benchmarking.build_learned_bias",
+                     "settings": _plain({k: v for k, v in settings.items() if k != "rounds"})}
+    bias.save(out_path)
+    return TrainingResult(str(out_path), data_wall, refine_wall, data.n_samples, settings, bias)
+
+
 # ------------------------------------------------------------------------------------------------
 # the table of methods
 
 
 def method_table(molsys: MolecularSystem, torsion_model: str | None = None, timewarp_model: str | None = None,
                  md_steps_per_segment: int = 10, moves_per_segment: int = 4, n_proposals: int = 1,
-                 pt_learned: bool = False, pt_moves_per_iteration: int = 40) -> dict[str, Callable[..., SamplerRun]]:
+                 pt_learned: bool = False, pt_moves_per_iteration: int = 40,
+                 learned_bias: str | None = None) -> dict[str, Callable[..., SamplerRun]]:
     """name -> ``runner(wall_seconds, seed, progress)`` for every method the benchmark compares.
 
     'MD', 'MD+VonMises basins' and 'PT' are always present; 'MD+TorsionDiffusionMove' (and, with
     ``pt_learned``, 'PT+TorsionDiffusionMove': ``pt_moves_per_iteration`` learned MH steps after each
     replica's 500 MD steps) when ``torsion_model`` is given; 'MD+TimewarpMove' when ``timewarp_model`` is
-    given (imported only then, so the benchmark never depends on it otherwise). Move methods share
-    ``md_steps_per_segment``, ``moves_per_segment`` and ``n_proposals``.
+    given (imported only then, so the benchmark never depends on it otherwise); 'MD+learned bias' (plain MD
+    with the saved :class:`~openmm_confsample.bias.LearnedTorsionBias` at ``learned_bias``, reweighted) when
+    that path is given. Move methods share ``md_steps_per_segment``, ``moves_per_segment`` and ``n_proposals``.
     """
     segment = {"md_steps_per_segment": md_steps_per_segment, "moves_per_segment": moves_per_segment,
                "n_proposals": n_proposals}
@@ -852,6 +939,9 @@ def method_table(molsys: MolecularSystem, torsion_model: str | None = None, time
                 molsys, wall_seconds, seed=seed, method="PT+TorsionDiffusionMove", progress=progress,
                 learned_move=TorsionDiffusionMove(torsion_model, molsys, n_proposals=n_proposals,
                                                   n_attempts=pt_moves_per_iteration, seed=seed + 101))
+    if learned_bias is not None:
+        table["MD+learned bias"] = lambda wall_seconds, seed=0, progress=False: run_plain_md(
+            molsys, wall_seconds, seed=seed, method="MD+learned bias", progress=progress, bias=learned_bias)
     if timewarp_model is not None:
         table["MD+TimewarpMove"] = lambda wall_seconds, seed=0, progress=False: run_md_with_moves(
             molsys, _timewarp_proposal(timewarp_model, molsys), wall_seconds, seed=seed, method="MD+TimewarpMove",
@@ -914,6 +1004,24 @@ def indicator_ess(indicator, p: float | None = None) -> tuple[float, float, int,
     return float(min(autocorrelation_ess, two_state)), autocorrelation_ess, entries, False
 
 
+def _weighted_indicator_ess(indicator: np.ndarray, p_error: float, p: float) -> tuple[float, int, bool]:
+    """ESS of the reweighted phi > 0 indicator: the sample count whose binomial error equals the block error.
+
+    For importance-weighted frames there is no single autocorrelation time; ``p (1 - p) / sigma_P^2``
+    (``sigma_P`` the weighted block-averaging error, ``p`` the best available P) is what an uncorrelated,
+    unweighted run would need for the same error, capped at the frame count. Returns (ess, entries,
+    upper_bound); a run that never entered phi > 0 gets the value of one entry, as in :func:`indicator_ess`.
+    """
+    n = len(indicator)
+    entries = indicator_entries(indicator)
+    if entries == 0 or not 0.0 < p < 1.0 or not np.isfinite(p_error):
+        ess, _, _, upper = indicator_ess(indicator, p if 0.0 < p < 1.0 else None)
+        return ess, entries, entries == 0 or upper
+    if p_error <= 0.0:
+        return float(n), entries, False
+    return float(min(n, p * (1.0 - p) / p_error**2)), entries, False
+
+
 def _tica_model(reference: ReferenceEstimate | None, runs: Sequence[SamplerRun], lagtime: int):
     """TICA on sin/cos(phi, psi) of the reference (or, without one, the first run long enough)."""
     from .analysis.kinetics import fit_tica, torsion_features
@@ -974,17 +1082,22 @@ def summarize(runs: Sequence[SamplerRun], reference: ReferenceEstimate | None = 
     rows = []
     for run in runs:
         indicator = (run.phi > 0).astype(float)
-        p = float(indicator.mean())
-        ess_phi, ess_phi_autocorrelation, entries, upper_bound = indicator_ess(
-            indicator, reference.p_phi_positive if reference is not None else p_phi_positive)
+        w = None if run.weights is None else run.weights / run.weights.sum()
+        p = float(indicator.mean()) if w is None else float(w @ indicator)
+        p_best = reference.p_phi_positive if reference is not None else p_phi_positive
         blocks = min(n_blocks, run.n_samples)
-        p_error = block_average_error(indicator, n_blocks=blocks) if blocks >= 2 else float("inf")
+        p_error = block_average_error(indicator, n_blocks=blocks, weights=w) if blocks >= 2 else float("inf")
+        if w is None:
+            ess_phi, ess_phi_autocorrelation, entries, upper_bound = indicator_ess(indicator, p_best)
+        else:
+            ess_phi, entries, upper_bound = _weighted_indicator_ess(indicator, p_error, p if p_best is None else p_best)
+            ess_phi_autocorrelation = float("nan")
         if blocks >= 2:
-            delta_f, delta_f_error = basin_free_energy(run.phi, error_method="block", n_blocks=blocks)
+            delta_f, delta_f_error = basin_free_energy(run.phi, weights=w, error_method="block", n_blocks=blocks)
         else:
             delta_f, delta_f_error = float("nan"), float("inf")
         ess_tic0 = float("nan")
-        if tica is not None:
+        if tica is not None and w is None:  # an ESS of a reweighted time series is not the same quantity
             ess_tic0 = _ess(tica_project(tica, torsion_features(run.angles))[:, 0])
         row = {
             "method": run.method,
@@ -1015,7 +1128,7 @@ def summarize(runs: Sequence[SamplerRun], reference: ReferenceEstimate | None = 
             combined = float(np.hypot(delta_f_error, reference.delta_f_error_kT))
             if np.isfinite(delta_f) and combined > 0 and np.isfinite(combined):
                 row["z_vs_reference"] = (delta_f - reference.delta_f_kT) / combined
-            row["jsd"] = jensen_shannon_divergence(run.angles, reference.run.angles, bins=36)
+            row["jsd"] = jensen_shannon_divergence(run.angles, reference.run.angles, bins=36, weights_a=w)
         rows.append(row)
     by_method = {row["method"]: row for row in rows}
     for row in rows:

@@ -19,6 +19,16 @@ On a regular grid ``tau_j = -pi + 2 pi j / n`` (``n = grid_points`` per torsion,
 crossed, regions the model only extrapolates into) ``B`` is flat at ``-cap``: those regions are
 lowered by at most ``cap`` and get no extra push from the model's guesses.
 
+Two options turn this into an iterated, well-tempered bias (:func:`refine_learned_bias`):
+
+* ``prior_bias`` B0: the model was trained on frames sampled *with* the bias B0, so it learned the
+  biased marginal ``q ∝ p exp(-B0/kT)``; the unbiased free energy is ``F = -kT log q - B0`` and ``r``
+  above uses ``log q + B0/kT`` in place of ``log q``.
+* ``bias_factor`` gamma: the bias is ``(1 - 1/gamma) B_grid``, so the biased marginal is ``p^(1/gamma)``
+  (barriers divided by gamma) instead of flat. A fully flat landscape (gamma = inf, the default) spends
+  most of its time in regions of negligible Boltzmann weight, where reweighting throws the frames away;
+  gamma of 4 to 10 keeps both the barrier crossings and the effective sample size.
+
 ``B_grid`` is fitted by a truncated real Fourier series (least squares on the grid, i.e. the
 discrete Fourier coefficients, optionally damped by ``exp(-(sigma |m|)^2 / 2)``, which is a
 convolution with a wrapped Gaussian of width ``sigma = smoothing_rad``)::
@@ -72,6 +82,8 @@ __all__ = [
     "reweighting_weights",
     "unbiased_potential",
     "run_biased_md",
+    "BiasRefinement",
+    "refine_learned_bias",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +91,8 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torchforce", "pythonforce")
 #: Default force group of the bias: its own group, so the unbiased energy stays readable.
 DEFAULT_BIAS_GROUP = 31
+#: Checkpoint kind of a saved LearnedTorsionBias.
+BIAS_KIND = "learned_torsion_bias"
 #: Largest tabulation grid (points in all); beyond it (k >= 4 at useful resolution) tabulation is not the tool.
 MAX_GRID_POINTS = 300_000
 
@@ -124,6 +138,29 @@ def _check_torsions(torsions, n_atoms: int | None = None) -> np.ndarray:
             limit = f" in [0, {n_atoms})" if n_atoms is not None else ""
             raise ConfSampleError(f"torsion {tuple(quad.tolist())} must be four distinct atom indices{limit}.")
     return t
+
+
+def _check_bias_factor(bias_factor) -> float:
+    try:
+        value = float(bias_factor)
+    except (TypeError, ValueError):
+        raise ConfSampleError(f"bias_factor must be a number > 1 (or inf), got {bias_factor!r}.") from None
+    if math.isnan(value) or value <= 1.0:
+        raise ConfSampleError(f"bias_factor must be a number > 1 (or inf), got {bias_factor!r}.")
+    return value
+
+
+def _prior_energy(prior, torsions: np.ndarray, kT: float):
+    """The energy function (N, k) rad -> (N,) kJ/mol of one prior bias (None: unbiased data)."""
+    if prior is None:
+        return None
+    if not isinstance(prior, LearnedTorsionBias):
+        raise ConfSampleError(f"prior_bias must hold LearnedTorsionBias objects or None, got {type(prior).__name__}.")
+    if not np.array_equal(prior.torsions.numpy(), torsions):
+        raise ConfSampleError(f"prior_bias acts on torsions {prior.torsions.tolist()}, not {torsions.tolist()}.")
+    if not math.isclose(prior.kT, kT, rel_tol=1e-6):
+        raise ConfSampleError(f"prior_bias was built for kT={prior.kT} kJ/mol, not {kT} kJ/mol.")
+    return prior.energies_of_angles
 
 
 def _check_backend(backend: str) -> str:
@@ -178,6 +215,10 @@ class LearnedTorsionBias(nn.Module):
         The cap of the tabulated bias.
     fit_rmse_kJ, fit_max_error_kJ : float, kJ/mol
         Deviation of the series from the tabulated bias on the grid.
+    bias_factor : float
+        The well-tempered factor gamma the bias was built with (inf: full flattening).
+    metadata : dict, optional
+        JSON-like notes kept with :meth:`save` (e.g. how the bias was refined).
 
     ``forward(positions)`` takes (n_atoms, 3) or (B, n_atoms, 3) nm (any float dtype; computed in
     float64) and returns the energy as a scalar tensor (or (B,)); autograd gives the forces. The
@@ -194,7 +235,8 @@ class LearnedTorsionBias(nn.Module):
     """
 
     def __init__(self, torsions, modes, cos_coefficients, sin_coefficients, kT: float, cap_kJ: float = math.inf,
-                 fit_rmse_kJ: float = 0.0, fit_max_error_kJ: float = 0.0):
+                 fit_rmse_kJ: float = 0.0, fit_max_error_kJ: float = 0.0, bias_factor: float = math.inf,
+                 metadata: dict | None = None):
         super().__init__()
         t = _check_torsions(torsions)
         modes = np.asarray(modes, dtype=np.float64).reshape(-1, t.shape[0])
@@ -213,12 +255,15 @@ class LearnedTorsionBias(nn.Module):
         self.cap_kJ = float(cap_kJ)
         self.fit_rmse_kJ = float(fit_rmse_kJ)
         self.fit_max_error_kJ = float(fit_max_error_kJ)
+        self.bias_factor = _check_bias_factor(bias_factor)
+        self.metadata = dict(metadata or {})
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_log_density(cls, log_density, torsions, kT: float, cap_kT: float = 10.0, grid_points: int = 48,
-                         max_frequency: int = 10, smoothing_kT: float = 0.5,
-                         smoothing_rad: float = 0.0) -> "LearnedTorsionBias":
+                         max_frequency: int = 10, smoothing_kT: float = 0.5, smoothing_rad: float = 0.0,
+                         bias_factor: float = math.inf, prior_bias=None, prior_fractions=None,
+                         metadata: dict | None = None) -> "LearnedTorsionBias":
         """Tabulate ``log_density`` ((N, k) radians -> (N,)) on a grid and fit the bias series (see module doc).
 
         Parameters
@@ -237,12 +282,27 @@ class LearnedTorsionBias(nn.Module):
             Width of the soft cap, in kT.
         smoothing_rad : float
             Gaussian smoothing of the series, radians (0: none).
+        bias_factor : float > 1
+            Well-tempered factor gamma: the bias is ``(1 - 1/gamma)`` times the flattening one (default inf:
+            full flattening).
+        prior_bias : LearnedTorsionBias or sequence of (LearnedTorsionBias or None), optional
+            The bias under which the model's training frames were sampled (same torsions and kT); the bias
+            is then built from the unbiased free energy ``-kT log q - prior_bias``. For frames pooled from
+            several runs, one bias per run (None: unbiased) and ``prior_fractions``, the share of the
+            training frames each run gave (default equal); WHAM on the grid removes the biases.
+        metadata : dict, optional
+            Kept on the bias (and in :meth:`save`).
         """
         t = _check_torsions(torsions)
         kT = _check_kT(kT)
-        grid, bias_grid = tabulate_bias(log_density, t.shape[0], kT, cap_kT, grid_points, smoothing_kT)
+        prior = None
+        if prior_bias is not None:
+            single = isinstance(prior_bias, LearnedTorsionBias)
+            prior = [_prior_energy(b, t, kT) for b in ([prior_bias] if single else prior_bias)]
+        grid, bias_grid = tabulate_bias(log_density, t.shape[0], kT, cap_kT, grid_points, smoothing_kT,
+                                        prior_bias_kJ=prior, bias_factor=bias_factor, prior_fractions=prior_fractions)
         modes, cos_c, sin_c, rmse, max_err = fit_fourier_series(bias_grid, max_frequency, smoothing_rad)
-        return cls(t, modes, cos_c, sin_c, kT, cap_kT * kT, rmse, max_err)
+        return cls(t, modes, cos_c, sin_c, kT, cap_kT * kT, rmse, max_err, bias_factor, metadata)
 
     @classmethod
     def from_model(cls, model, torsions=None, kT: float | None = None, **options) -> "LearnedTorsionBias":
@@ -294,6 +354,31 @@ class LearnedTorsionBias(nn.Module):
         scripted.save(str(path))
         return str(path)
 
+    def save(self, path) -> str:
+        """Write the bias (series, torsions, kT, cap, fit errors, metadata) as a checkpoint; returns the path.
+
+        Read it back with :meth:`load`; the file is written to ``path.tmp`` and renamed, so an interrupted
+        save leaves no half-written file under ``path``.
+        """
+        from .models.checkpoint import save_checkpoint
+
+        config = {"kT": self.kT, "cap_kJ": self.cap_kJ, "fit_rmse_kJ": self.fit_rmse_kJ,
+                  "fit_max_error_kJ": self.fit_max_error_kJ, "bias_factor": self.bias_factor}
+        state = {"torsions": self.torsions, "modes": self.modes, "cos_coefficients": self.cos_coefficients,
+                 "sin_coefficients": self.sin_coefficients}
+        return str(save_checkpoint(path, BIAS_KIND, config, state, {"bias": self.metadata}))
+
+    @classmethod
+    def load(cls, path) -> "LearnedTorsionBias":
+        """Read a bias written by :meth:`save` (a clear error for a missing file or another kind of checkpoint)."""
+        from .models.checkpoint import load_checkpoint
+
+        payload = load_checkpoint(path, kind=BIAS_KIND)
+        c, state = payload["config"], payload["state_dict"]
+        return cls(state["torsions"].numpy(), state["modes"].numpy(), state["cos_coefficients"].numpy(),
+                   state["sin_coefficients"].numpy(), c["kT"], c["cap_kJ"], c["fit_rmse_kJ"], c["fit_max_error_kJ"],
+                   c["bias_factor"], payload["metadata"].get("bias") or {})
+
 
 # --------------------------------------------------------------------------------------
 # tabulation and fit
@@ -303,16 +388,38 @@ def _grid_axis(n: int) -> np.ndarray:
     return -np.pi + 2.0 * np.pi * np.arange(n) / n
 
 
+def _subsample_pool(pool, limit: int, rng: np.random.Generator):
+    """Frames of every run in ``pool`` (at most ``limit`` in all, uniformly), their runs' biases and shares."""
+    sizes = np.array([len(frames) for frames, _ in pool])
+    keep = np.minimum(sizes, np.floor(sizes * min(1.0, limit / sizes.sum())).astype(int))
+    picked = [frames[np.sort(rng.choice(len(frames), size=n, replace=False))] for (frames, _), n in zip(pool, keep)]
+    return np.concatenate(picked), [b for _, b in pool], keep / keep.sum()
+
+
+def _grid_points(k: int, n: int) -> np.ndarray:
+    """(n^k, k) radians: the regular grid in C order (last torsion fastest)."""
+    axis = _grid_axis(n)
+    return np.stack(np.meshgrid(*([axis] * k), indexing="ij"), axis=-1).reshape(-1, k)
+
+
 def tabulate_bias(log_density, n_torsions: int, kT: float, cap_kT: float = 10.0, grid_points: int = 48,
-                  smoothing_kT: float = 0.5):
+                  smoothing_kT: float = 0.5, prior_bias_kJ=None, bias_factor: float = math.inf,
+                  prior_fractions=None):
     """The capped, smoothed bias ``B_grid`` (kJ/mol) of ``log_density`` on a regular grid (module doc).
+
+    ``prior_bias_kJ``: optional callable (N, k) radians -> (N,) kJ/mol, the bias the density's data were
+    sampled under (added to ``kT log q``), or a sequence of them (None for unbiased data) when the data
+    pool runs with different biases, in the proportions ``prior_fractions`` (default equal); the unbiased
+    density is then recovered by WHAM on the grid (:func:`_unbias_on_grid`). ``bias_factor``: the
+    well-tempered gamma (the result is multiplied by ``1 - 1/gamma``).
 
     Returns
     -------
     grid : (n^k, k) float, radians (C order, last torsion fastest)
-    bias : (n,)*k float, kJ/mol, in [-cap, 0] up to ``w log(1 + exp(-cap/w))``
+    bias : (n,)*k float, kJ/mol, in [-(1 - 1/gamma) cap, 0] up to ``w log(1 + exp(-cap/w))``
     """
     kT = _check_kT(kT)
+    tempering = 1.0 - 1.0 / _check_bias_factor(bias_factor)
     cap = _check_positive(cap_kT, "cap_kT") * kT
     width = _check_positive(smoothing_kT, "smoothing_kT") * kT
     if int(grid_points) != grid_points or int(grid_points) < 4:
@@ -325,18 +432,57 @@ def tabulate_bias(log_density, n_torsions: int, kT: float, cap_kT: float = 10.0,
     log_prob = getattr(log_density, "log_prob", log_density)
     if not callable(log_prob):
         raise ConfSampleError(f"log_density must be callable or have log_prob, got {type(log_density).__name__}.")
-    axis = _grid_axis(n)
-    grid = np.stack(np.meshgrid(*([axis] * k), indexing="ij"), axis=-1).reshape(-1, k)
+    grid = _grid_points(k, n)
     log_q = np.asarray(log_prob(grid), dtype=np.float64).reshape(-1)
     if log_q.shape[0] != grid.shape[0]:
         raise ConfSampleError(f"log_density returned {log_q.shape[0]} values for {grid.shape[0]} grid points.")
     log_q = np.where(np.isnan(log_q), -np.inf, log_q)
+    if prior_bias_kJ is not None:
+        log_q = _unbias_on_grid(log_q, grid, prior_bias_kJ, prior_fractions, kT)
     if not np.isfinite(log_q.max()):
         raise ConfSampleError("log_density is not finite anywhere on the grid.")
     relative = kT * (log_q - log_q.max())  # -(F - F_min) <= 0; -inf where q = 0 becomes -cap below
     soft = -cap + width * np.logaddexp(0.0, (relative + cap) / width)
     soft -= soft.max()
-    return grid, soft.reshape((n,) * k)
+    return grid, tempering * soft.reshape((n,) * k)
+
+
+def _unbias_on_grid(log_pooled, grid, priors, fractions, kT, iterations: int = 1000, tolerance: float = 1e-10):
+    """log p on the grid from the log density of frames pooled from runs with different biases (WHAM).
+
+    Frames of run r (a fraction f_r of the pool) follow ``p exp(-B_r/kT) / Z_r``, so the pool follows
+    ``m = p sum_r f_r exp(-B_r/kT) / Z_r`` with ``Z_r = sum_grid p exp(-B_r/kT)``; iterate
+    ``p = m / sum_r f_r exp(-B_r/kT) / Z_r`` to self-consistency. One run: ``log p = log m + B/kT``.
+    """
+    if callable(priors):
+        priors = [priors]
+    priors = list(priors)
+    if not priors:
+        raise ConfSampleError("prior_bias_kJ is an empty sequence; pass None for unbiased data.")
+    u = np.zeros((len(priors), grid.shape[0]))
+    for r, prior in enumerate(priors):
+        if prior is None:
+            continue
+        values = np.asarray(prior(grid), dtype=np.float64).reshape(-1)
+        if values.shape[0] != grid.shape[0] or not np.all(np.isfinite(values)):
+            raise ConfSampleError("prior_bias_kJ must return one finite energy (kJ/mol) per grid point.")
+        u[r] = -values / kT
+    f = np.full(len(priors), 1.0 / len(priors)) if fractions is None else np.asarray(fractions, dtype=np.float64)
+    if f.shape != (len(priors),) or not np.all(np.isfinite(f)) or np.any(f < 0) or f.sum() <= 0:
+        raise ConfSampleError(f"prior_fractions must be {len(priors)} non-negative numbers, got {fractions!r}.")
+    log_f = np.log(f / f.sum())
+    from scipy.special import logsumexp
+
+    log_p = log_pooled - logsumexp(log_f[:, None] + u, axis=0)  # first guess: all Z_r equal
+    for _ in range(iterations):
+        log_z = logsumexp(log_p[None, :] + u, axis=1)
+        new = log_pooled - logsumexp(log_f[:, None] + u - log_z[:, None], axis=0)
+        new -= np.max(new[np.isfinite(new)])
+        done = np.max(np.abs(np.where(np.isfinite(new), new - log_p, 0.0))) < tolerance
+        log_p = new
+        if done:
+            break
+    return log_p
 
 
 def _half_space_modes(k: int, max_frequency: int) -> np.ndarray:
@@ -377,8 +523,7 @@ def fit_fourier_series(values, max_frequency: int = 10, smoothing_rad: float = 0
     is_zero = ~modes.any(axis=1)
     cos_c = np.where(is_zero, c.real, 2.0 * c.real) * damping
     sin_c = np.where(is_zero, 0.0, -2.0 * c.imag) * damping
-    axis = _grid_axis(n)
-    grid = np.stack(np.meshgrid(*([axis] * k), indexing="ij"), axis=-1).reshape(-1, k)
+    grid = _grid_points(k, n)
     phase = grid @ modes.T
     fitted = np.cos(phase) @ cos_c + np.sin(phase) @ sin_c
     shift = fitted.max()
@@ -493,7 +638,7 @@ class TorchModuleComputation:
 
 
 class FourierBiasComputation:
-    """The ``PythonForce`` callable of a :class:`LearnedTorsionBias`, in numpy with analytic forces.
+    """The ``PythonForce`` callable of a :class:`LearnedTorsionBias`: analytic energy and forces, no torch.
 
     Same energies and forces as the torch module (to rounding), about ten times cheaper per call than
     torch autograd on a few atoms. ``particles`` are the torsion atoms (``PythonForce.setParticles``),
@@ -507,40 +652,52 @@ class FourierBiasComputation:
         self.modes = bias.modes.numpy().copy()
         self.cos_coefficients = bias.cos_coefficients.numpy().copy()
         self.sin_coefficients = bias.sin_coefficients.numpy().copy()
-        # scatter[a, c * k + i] = 1 when atom a is atom c of torsion i: forces = scatter @ stacked gradients.
-        k = len(torsions)
-        self.scatter = np.zeros((len(self.particles), 4 * k))
-        for column in range(4):
-            self.scatter[self.local_torsions[:, column], column * k + np.arange(k)] = 1.0
+        self._quads = [tuple(int(a) for a in quad) for quad in self.local_torsions]
 
     def __call__(self, state):
         x = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         return self.energy_and_forces(np.asarray(x))
 
     def energy_and_forces(self, x: np.ndarray):
-        """Energy (kJ/mol) and forces (len(particles), 3) kJ/mol/nm of the torsion atoms' positions ``x`` (nm)."""
-        t = self.local_torsions
-        # (3, k) components; cross and dot products written out (np.cross costs ~20 us on tiny arrays).
-        p0, p1, p2, p3 = x[t[:, 0]].T, x[t[:, 1]].T, x[t[:, 2]].T, x[t[:, 3]].T
-        b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
-        n1 = np.array([b1[1] * b2[2] - b1[2] * b2[1], b1[2] * b2[0] - b1[0] * b2[2], b1[0] * b2[1] - b1[1] * b2[0]])
-        n2 = np.array([b2[1] * b3[2] - b2[2] * b3[1], b2[2] * b3[0] - b2[0] * b3[2], b2[0] * b3[1] - b2[1] * b3[0]])
-        b2_sq = (b2 * b2).sum(0)
-        b2_norm = np.sqrt(b2_sq)
-        tau = np.arctan2((b1 * n2).sum(0) * b2_norm, (n1 * n2).sum(0))
-        phase = self.modes @ tau
+        """Energy (kJ/mol) and forces (len(particles), 3) kJ/mol/nm of the torsion atoms' positions ``x`` (nm).
+
+        The geometry is plain-float Python per torsion: for a few torsions, numpy's per-call overhead on
+        3-vectors cost ~80 us a step (most of the PythonForce's cost), the scalar code ~10 us.
+        """
+        xs = x.tolist()
+        angles, gradients = [], []
+        for i0, i1, i2, i3 in self._quads:
+            (x0, y0, z0), (x1, y1, z1), (x2, y2, z2), (x3, y3, z3) = xs[i0], xs[i1], xs[i2], xs[i3]
+            ax, ay, az = x1 - x0, y1 - y0, z1 - z0  # b1
+            bx, by, bz = x2 - x1, y2 - y1, z2 - z1  # b2
+            cx, cy, cz = x3 - x2, y3 - y2, z3 - z2  # b3
+            n1x, n1y, n1z = ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx
+            n2x, n2y, n2z = by * cz - bz * cy, bz * cx - bx * cz, bx * cy - by * cx
+            b2_sq = bx * bx + by * by + bz * bz
+            b2_norm = math.sqrt(b2_sq)
+            angles.append(math.atan2((ax * n2x + ay * n2y + az * n2z) * b2_norm, n1x * n2x + n1y * n2y + n1z * n2z))
+            # Gradient of the dihedral (Blondel & Karplus 1996) in terms of the bond vectors b1, b2, b3.
+            s0 = -b2_norm / (n1x * n1x + n1y * n1y + n1z * n1z)
+            s3 = b2_norm / (n2x * n2x + n2y * n2y + n2z * n2z)
+            g0 = (s0 * n1x, s0 * n1y, s0 * n1z)
+            g3 = (s3 * n2x, s3 * n2y, s3 * n2z)
+            r1 = (ax * bx + ay * by + az * bz) / b2_sq
+            r3 = (cx * bx + cy * by + cz * bz) / b2_sq
+            g1 = tuple(-(r1 + 1.0) * u + r3 * v for u, v in zip(g0, g3))
+            g2 = tuple(r1 * u - (r3 + 1.0) * v for u, v in zip(g0, g3))
+            gradients.append((g0, g1, g2, g3))
+        phase = self.modes @ np.array(angles)
         cos_p, sin_p = np.cos(phase), np.sin(phase)
         energy = float(cos_p @ self.cos_coefficients + sin_p @ self.sin_coefficients)
-        dB_dtau = (self.sin_coefficients * cos_p - self.cos_coefficients * sin_p) @ self.modes
-        # Gradient of the dihedral (Blondel & Karplus 1996) in terms of the bond vectors b1, b2, b3.
-        g0 = -(b2_norm / (n1 * n1).sum(0)) * n1
-        g3 = (b2_norm / (n2 * n2).sum(0)) * n2
-        r1 = (b1 * b2).sum(0) / b2_sq
-        r3 = (b3 * b2).sum(0) / b2_sq
-        g1 = -(r1 + 1.0) * g0 + r3 * g3
-        g2 = r1 * g0 - (r3 + 1.0) * g3
-        stacked = np.concatenate([g0, g1, g2, g3], axis=1) * np.tile(-dB_dtau, 4)
-        return energy, self.scatter @ stacked.T
+        dB_dtau = ((self.sin_coefficients * cos_p - self.cos_coefficients * sin_p) @ self.modes).tolist()
+        forces = [[0.0, 0.0, 0.0] for _ in range(len(xs))]
+        for quad, grads, slope in zip(self._quads, gradients, dB_dtau):
+            for atom, g in zip(quad, grads):
+                f = forces[atom]
+                f[0] -= slope * g[0]
+                f[1] -= slope * g[1]
+                f[2] -= slope * g[2]
+        return energy, np.array(forces)
 
 
 def _check_force_group(force_group) -> int:
@@ -877,3 +1034,144 @@ def _resolve_md_torsions(molsys, model, torsions):
     if not molsys.torsions:
         raise ConfSampleError(f"system '{molsys.name}' names no torsions and none were given.")
     return list(molsys.torsions), _check_torsions(list(molsys.torsions.values()), molsys.n_atoms)
+
+
+# --------------------------------------------------------------------------------------
+# iterated, well-tempered bias
+
+
+@dataclass
+class BiasRefinement:
+    """What :func:`refine_learned_bias` did.
+
+    Attributes
+    ----------
+    bias : LearnedTorsionBias
+        The last bias built (use it for production runs; reweight with its energies).
+    biases : list of LearnedTorsionBias
+        ``biases[r]`` is the bias of round ``r`` (``biases[0]`` from the unbiased data).
+    runs : list of BiasedMDResult
+        ``runs[r]`` is the biased MD of round ``r`` (run with ``biases[r]``), whose frames trained ``biases[r + 1]``.
+    rounds : list of dict
+        Per round: ``round``, ``train_seconds``, ``epochs``, ``md_seconds``, ``simulated_ps``, ``frames``,
+        ``kish_ess`` (effective frames after reweighting), ``bias_range_kT``, ``fit_rmse_kT``.
+    wall_seconds : float
+        Everything: training, tabulation and biased MD.
+    """
+
+    bias: LearnedTorsionBias
+    biases: list
+    runs: list
+    rounds: list
+    wall_seconds: float
+
+    def to_dict(self) -> dict:
+        return {"rounds": [dict(r) for r in self.rounds], "wall_seconds": self.wall_seconds,
+                "bias_factor": self.bias.bias_factor, "cap_kT": self.bias.cap_kJ / self.bias.kT}
+
+
+#: Torsion diffusion settings for each round's model: a few seconds per 1000 frames on one core.
+DEFAULT_REFINE_TRAINER = {"hidden": 64, "n_layers": 3, "max_epochs": 200, "patience": 20, "batch_size": 256,
+                          "max_time_s": 60.0}
+
+
+def refine_learned_bias(molsys, angles, rounds: int = 3, round_ps: float = 200.0, *, torsions=None,
+                        bias_factor: float = 6.0, cap_kT: float = 12.0, grid_points: int = 48,
+                        max_frequency: int = 10, smoothing_kT: float = 0.5, save_interval_ps: float = 0.05,
+                        trainer_options: dict | None = None, max_training_frames: int = 40_000, seed: int = 0,
+                        platform: str = "Reference", backend: str = "auto", verbose: bool = True,
+                        progress: bool = False) -> BiasRefinement:
+    """Build a learned torsion bias from unbiased data and refine it by rounds of biased MD.
+
+    Round 0 trains a torsion diffusion model on ``angles`` (unbiased frames, e.g. a short MD run that never
+    left its first basin) and builds the well-tempered bias ``B0`` of its free energy. Each round ``r``
+    then runs ``round_ps`` of MD with ``B_r``, trains a new model on the pool of all frames so far (the
+    unbiased ones and every round's), and builds ``B_{r+1}`` from the unbiased free energy the pool implies
+    (``prior_bias`` with one bias per run: WHAM on the grid). The capped regions the data never reached are
+    lowered by ``(1 - 1/gamma) cap``, so a round crosses into them; the next round learns what is there;
+    pooling keeps what earlier rounds saw when a later one stays in one basin. Every bias is exact for
+    reweighting (:func:`reweighting_weights`), whatever the models' quality: refinement only improves the
+    statistics.
+
+    Parameters
+    ----------
+    molsys : MolecularSystem
+    angles : (N, k) float, radians
+        Unbiased training frames of the torsions (in the order of ``torsions``).
+    rounds : int >= 0
+        Biased MD rounds (0: only the bias of the unbiased data, no MD).
+    round_ps : float, ps
+        Biased MD per round.
+    torsions : dict name -> (i, j, k, l), optional
+        Default ``molsys.torsions``.
+    bias_factor, cap_kT, grid_points, max_frequency, smoothing_kT
+        As :meth:`LearnedTorsionBias.from_log_density`.
+    save_interval_ps : float, ps
+        Frame interval of the biased MD (the next model's training data).
+    trainer_options : dict, optional
+        ``TorsionDiffusionTrainer`` arguments (default :data:`DEFAULT_REFINE_TRAINER`).
+    max_training_frames : int
+        The pool is subsampled (uniformly, seeded) to at most this many frames per model.
+    seed, platform, backend
+        As :func:`run_biased_md`; round ``r`` uses ``seed + r``.
+    verbose : bool
+        Print one line per round (and the backend line once).
+
+    Returns
+    -------
+    BiasRefinement
+    """
+    from .models.torsion_diffusion import TorsionDiffusionTrainer, check_angles
+
+    if isinstance(rounds, bool) or int(rounds) != rounds or int(rounds) < 0:
+        raise ConfSampleError(f"rounds must be a non-negative integer, got {rounds!r}.")
+    rounds = int(rounds)
+    round_ps = _check_positive(round_ps, "round_ps")
+    torsions = dict(torsions or molsys.torsions)
+    if not torsions:
+        raise ConfSampleError(f"system '{molsys.name}' names no torsions and none were given.")
+    quads = _check_torsions(list(torsions.values()), molsys.n_atoms)
+    data = check_angles(angles, "angles", len(quads))
+    options = {**DEFAULT_REFINE_TRAINER, **(trainer_options or {})}
+    build = {"cap_kT": cap_kT, "grid_points": grid_points, "max_frequency": max_frequency,
+             "smoothing_kT": smoothing_kT, "bias_factor": bias_factor}
+    named = [(name, list(map(int, q))) for name, q in zip(torsions, quads)]
+    kT = molsys.kT
+    if isinstance(max_training_frames, bool) or int(max_training_frames) != max_training_frames \
+            or int(max_training_frames) < 20:
+        raise ConfSampleError(f"max_training_frames must be an integer >= 20, got {max_training_frames!r}.")
+    rng = np.random.default_rng([int(seed), 17])
+    start = time.perf_counter()
+    biases, runs, summary = [], [], []
+    pool = [(data, None)]  # (frames, the bias they were sampled with)
+    for r in range(rounds + 1):
+        t0 = time.perf_counter()
+        frames, priors, fractions = _subsample_pool(pool, int(max_training_frames), rng)
+        trainer = TorsionDiffusionTrainer(**{**options, "seed": seed + r, "progress": False})
+        model = trainer.fit(frames, metadata={"torsions": named, "temperature": molsys.temperature_K}).fetch_model()
+        train_seconds = time.perf_counter() - t0
+        unbiased_only = len(pool) == 1
+        bias = LearnedTorsionBias.from_log_density(model, quads, kT, prior_bias=None if unbiased_only else priors,
+                                                   prior_fractions=None if unbiased_only else fractions, **build)
+        row = {"round": r, "train_seconds": train_seconds, "epochs": len(model.history.get("val_loss", [])),
+               "bias_range_kT": float(-bias.energies_of_angles(_grid_points(len(quads), grid_points)).min() / kT),
+               "fit_rmse_kT": bias.fit_rmse_kJ / kT, "training_frames": int(len(frames)),
+               "pooled_runs": len(pool)}
+        biases.append(bias)
+        if r < rounds:
+            run = run_biased_md(molsys, bias, round_ps, torsions=torsions, save_interval_ps=save_interval_ps,
+                                seed=seed + r, platform=platform, backend=backend, verbose=verbose and r == 0,
+                                progress=progress)
+            runs.append(run)
+            pool.append((run.angles, bias))
+            row.update({"md_seconds": run.wall_seconds, "simulated_ps": round_ps, "frames": len(run.angles),
+                        "kish_ess": float(1.0 / np.sum(run.weights**2))})
+        summary.append(row)
+        if verbose:
+            md = (f"; biased MD {round_ps:g} ps in {row['md_seconds']:.0f} s, Kish ESS {row['kish_ess']:.0f} of "
+                  f"{row['frames']} frames") if "md_seconds" in row else ""
+            print(f"bias round {r}: model {row['epochs']} epochs in {train_seconds:.0f} s, bias depth "
+                  f"{row['bias_range_kT']:.1f} kT (fit RMSE {row['fit_rmse_kT']:.3f} kT){md}", flush=True)
+    final = biases[-1]
+    final.metadata = {"refinement": summary}
+    return BiasRefinement(final, biases, runs, summary, time.perf_counter() - start)

@@ -182,3 +182,46 @@ def test_demo_refuses_a_model_of_another_system(tmp_path, tiny_model):
     with pytest.raises(ConfSampleError, match="another topology"):
         run_demo(str(tmp_path / "demo"), wall_seconds=1.0, model_path=tiny_model,
                  system=four_atom_torsion_system(), progress=False, quiet=True)
+
+
+def test_summarize_reweights_a_biased_run():
+    # iid draws from a biased P(phi > 0) = 0.5 with weights that turn it into P = 0.1, with log-normal noise
+    # inside each state (a bias that also varies along other coordinates): ESS and Delta F are known
+    rng = np.random.default_rng(4)
+    n, p_target, sigma = 40000, 0.1, 1.5
+    positive = rng.random(n) < 0.5
+    phi = np.where(positive, 1.0, -1.0)
+    weights = np.where(positive, p_target, 1.0 - p_target) * np.exp(sigma * rng.normal(size=n) - sigma**2 / 2)
+    run = B.SamplerRun("MD+learned bias", phi, rng.uniform(-np.pi, np.pi, n), 10.0, n, {}, True, weights,
+                       np.linspace(0, 10.0, n), {"kind": "biased md"})
+    (row,) = B.summarize([run], n_blocks=100)
+    assert row["p_phi_positive"] == pytest.approx(p_target, abs=0.005)
+    expected_f = -math.log(p_target / (1 - p_target))
+    assert abs(row["delta_f_kT"] - expected_f) < 4 * row["delta_f_error_kT"]
+    # self-normalised importance sampling: Var(P) = E_q[w^2 (I - P)^2] / N with E_q[w] = 1, ESS = P (1 - P) / Var
+    w = weights / weights.mean()
+    variance = np.mean(w**2 * ((phi > 0) - p_target) ** 2) / n
+    expected_ess = p_target * (1 - p_target) / variance
+    assert expected_ess < 0.5 * n  # the weights cost samples, so the cap at N does not decide the test
+    assert row["ess_phi"] == pytest.approx(expected_ess, rel=0.4)  # 100 blocks: ~14 % noise on the variance
+    assert not row["ess_phi_upper_bound"]
+    unweighted = B.summarize([B.SamplerRun("MD", phi, run.psi, 10.0, n)])[0]
+    assert abs(unweighted["delta_f_kT"] - expected_f) > 10 * unweighted["delta_f_error_kT"]  # the weights matter
+
+
+def test_plain_md_with_a_learned_bias_records_weights(ala_implicit, tmp_path):
+    from openmm_confsample.bias import LearnedTorsionBias
+
+    log_q = lambda a: 2.0 * np.cos(a[:, 0] + 1.4) + np.cos(a[:, 1] - 2.6)  # noqa: E731
+    bias = LearnedTorsionBias.from_log_density(log_q, B.phi_psi_torsions(ala_implicit), ala_implicit.kT,
+                                               grid_points=24, max_frequency=4, bias_factor=4.0)
+    path = bias.save(tmp_path / "bias.pt")
+    run = B.run_plain_md(ala_implicit, BUDGET_S, sample_every_steps=20, seed=1, bias=path, bias_backend="pythonforce")
+    _check_run(run, "biased md")
+    assert run.weights is not None and run.weights.sum() == pytest.approx(1.0)
+    # each weight is exp(B/kT) of the recorded angles (bias energy read from the bias's force group)
+    log_w = bias.energies_of_angles(run.angles) / ala_implicit.kT
+    np.testing.assert_allclose(run.weights, np.exp(log_w - log_w.max()) / np.exp(log_w - log_w.max()).sum(),
+                               rtol=1e-6)
+    table = B.method_table(ala_implicit, learned_bias=path)
+    assert "MD+learned bias" in table

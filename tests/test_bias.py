@@ -27,7 +27,13 @@ from openmm_confsample.errors import ConfSampleError
 from openmm_confsample.geometry.torsions import TorsionSet, dihedral_angles
 from openmm_confsample.moves.engine import MetropolisHastingsEngine
 from openmm_confsample.moves.proposals import VonMisesTorsionProposal
-from openmm_confsample.testing import chi_square_test, four_atom_torsion_system, run_chain, torsion_potential
+from openmm_confsample.testing import (
+    chi_square_test,
+    four_atom_torsion_system,
+    run_chain,
+    torsion_bin_probabilities,
+    torsion_potential,
+)
 
 KJ = unit.kilojoule_per_mole
 OPENMMTORCH, OPENMMTORCH_DETAIL = openmmtorch_status()
@@ -339,3 +345,121 @@ def test_bad_inputs_raise_conf_sample_error(ala_implicit, ala_bias):
 def test_torchforce_request_without_openmmtorch_names_the_reason(ala_implicit, ala_bias):
     with pytest.raises(ConfSampleError, match="openmmtorch is not importable"):
         add_learned_bias(copy.deepcopy(ala_implicit.system), ala_bias, backend="torchforce", verbose=False)
+
+
+# --------------------------------------------------------------------------------------
+# well-tempered and iterated biases
+
+
+def test_bias_factor_scales_and_prior_bias_undoes_the_sampling_bias(ala_implicit):
+    kT = ala_implicit.kT
+    _, flat = tabulate_bias(two_basin_log_density, 2, kT, cap_kT=30.0, grid_points=24)
+    _, tempered = tabulate_bias(two_basin_log_density, 2, kT, cap_kT=30.0, grid_points=24, bias_factor=4.0)
+    np.testing.assert_allclose(tempered, 0.75 * flat, atol=1e-12)
+    # frames sampled under a prior bias B0 have the density p exp(-B0/kT); giving B0 back recovers the bias of p
+    prior = LearnedTorsionBias.from_log_density(lambda a: np.cos(a[:, 0] - 0.5) + 0.5 * np.sin(2 * a[:, 1]),
+                                                list(ala_implicit.torsions.values()), kT, grid_points=24,
+                                                max_frequency=4)
+    biased_log_density = lambda a: two_basin_log_density(a) - prior.energies_of_angles(a) / kT  # noqa: E731
+    _, recovered = tabulate_bias(biased_log_density, 2, kT, cap_kT=30.0, grid_points=24,
+                                 prior_bias_kJ=prior.energies_of_angles)
+    np.testing.assert_allclose(recovered, flat, atol=1e-9)
+    _, ignored = tabulate_bias(biased_log_density, 2, kT, cap_kT=30.0, grid_points=24)
+    assert np.max(np.abs(ignored - flat)) > 0.5 * kT  # without the prior the sampling bias stays in
+    built = LearnedTorsionBias.from_log_density(biased_log_density, prior.torsions.numpy(), kT, cap_kT=30.0,
+                                                grid_points=24, max_frequency=6, prior_bias=prior, bias_factor=4.0)
+    assert built.bias_factor == 4.0
+    with pytest.raises(ConfSampleError, match="bias_factor must be a number > 1"):
+        tabulate_bias(two_basin_log_density, 2, kT, bias_factor=1.0)
+    with pytest.raises(ConfSampleError, match="prior_bias acts on torsions"):
+        LearnedTorsionBias.from_log_density(two_basin_log_density, [(0, 1, 2, 3), (4, 6, 8, 14)], kT,
+                                            prior_bias=prior)
+
+
+def test_bias_save_and_load_round_trip(tmp_path, ala_implicit, ala_bias):
+    path = ala_bias.save(tmp_path / "bias.pt")
+    loaded = LearnedTorsionBias.load(path)
+    angles = np.random.default_rng(3).uniform(-np.pi, np.pi, size=(50, 2))
+    np.testing.assert_array_equal(loaded.energies_of_angles(angles), ala_bias.energies_of_angles(angles))
+    assert (loaded.kT, loaded.cap_kJ, loaded.bias_factor) == (ala_bias.kT, ala_bias.cap_kJ, ala_bias.bias_factor)
+    with pytest.raises(ConfSampleError, match="does not exist"):
+        LearnedTorsionBias.load(tmp_path / "missing.pt")
+    from openmm_confsample.models.checkpoint import save_checkpoint
+
+    other = save_checkpoint(tmp_path / "other.pt", "torsion_diffusion", {}, {})
+    with pytest.raises(ConfSampleError, match="not 'learned_torsion_bias'"):
+        LearnedTorsionBias.load(other)
+
+
+#: Bin edges of the four-atom chain's wells: -60 and +60 degrees, and the deepest at 180 (split in two).
+WELLS = np.deg2rad([-180.0, -120.0, 0.0, 120.0, 180.0])
+
+
+def well_populations(phi, weights, n_blocks=10):
+    """Weighted populations of the three wells (phi in [-120, 0), [0, 120), rest) per contiguous block."""
+    indicator = np.stack([(phi >= WELLS[1]) & (phi < WELLS[2]), (phi >= WELLS[2]) & (phi < WELLS[3])], axis=1)
+    indicator = np.column_stack([indicator, ~indicator.any(axis=1)]).astype(float)
+    blocks = np.array_split(np.arange(len(phi)), n_blocks)
+    per_block = np.array([weights[b] @ indicator[b] / weights[b].sum() for b in blocks])
+    # ratio estimator over the whole run; block spread for its error
+    return weights @ indicator / weights.sum(), per_block.std(axis=0, ddof=1) / np.sqrt(n_blocks)
+
+
+#: A chain whose wells (+-60 and 180 degrees) are separated by 8.6 kT: 10 ps of MD stay in the 180 well.
+HIGH_BARRIER_TERMS = ((3.0, 1, 0.0), (10.0, 3, 0.0))
+
+
+def exact_well_populations(terms):
+    p = torsion_bin_probabilities(WELLS, terms)
+    return np.array([p[1], p[2], p[0] + p[3]])
+
+
+@pytest.mark.slow
+def test_reweighted_biased_md_reproduces_the_exact_torsion_marginal():
+    chain = four_atom_torsion_system(HIGH_BARRIER_TERMS, mass_amu=4.0)
+    kT = chain.kT
+    # the well-tempered bias of the exact free energy: B = -(5/6) (V - V_min); the series fits it exactly
+    bias = LearnedTorsionBias.from_log_density(lambda a: -torsion_potential(a[:, 0], HIGH_BARRIER_TERMS) / kT,
+                                               chain.torsion_array, kT, cap_kT=30.0, grid_points=36,
+                                               max_frequency=6, bias_factor=6.0)
+    assert bias.fit_max_error_kJ < 1e-6 * kT
+    run = run_biased_md(chain, bias, 100.0, save_interval_ps=0.01, seed=3, verbose=False)
+    phi = run.angle("phi")
+    exact = exact_well_populations(HIGH_BARRIER_TERMS)
+    estimate, error = well_populations(phi, run.weights)
+    assert error.max() < 0.1  # the biased run crosses the barriers ~280 times in 100 ps
+    z = (estimate - exact) / error
+    assert np.all(np.abs(z) < 4.0), (estimate, error, exact)
+    # negative control: the same frames without their weights fail the same test (they follow p^(1/6))
+    visited, visited_error = well_populations(phi, np.ones_like(phi))
+    z_unweighted = (visited - exact) / visited_error
+    assert np.max(np.abs(z_unweighted)) > 4.0, (visited, visited_error, exact)
+    assert exact[2] - visited[2] > 0.2  # the 180 well: 0.74 in the Boltzmann distribution
+
+
+@pytest.mark.slow
+def test_refined_bias_crosses_the_barrier_that_md_does_not(tmp_path):
+    from openmm_confsample.bias import refine_learned_bias
+    from openmm_confsample.data.datasets import torsion_angles
+    from openmm_confsample.data.md import run_md
+
+    chain = four_atom_torsion_system(HIGH_BARRIER_TERMS, mass_amu=4.0)
+    md = run_md(chain, str(tmp_path / "md"), 10.0, save_interval_ps=0.01, seed=4, progress=False)
+    start = torsion_angles(md.load(), chain)
+    assert np.mean(np.abs(start[:, 0]) > np.deg2rad(120)) > 0.99  # plain MD stays in the 180 well
+    options = {"hidden": 32, "n_layers": 2, "max_epochs": 60, "patience": 10, "max_time_s": 8.0}
+    refinement = refine_learned_bias(chain, start, rounds=3, round_ps=10.0, save_interval_ps=0.01,
+                                     trainer_options=options, bias_factor=6.0, cap_kT=12.0, grid_points=36,
+                                     max_frequency=8, seed=10, backend="pythonforce", verbose=False)
+    assert len(refinement.biases) == 4 and len(refinement.runs) == 3
+    assert [r["round"] for r in refinement.rounds] == [0, 1, 2, 3]
+    assert [r["pooled_runs"] for r in refinement.rounds] == [1, 2, 3, 4]
+    assert all(r["kish_ess"] > 1 for r in refinement.rounds[:3])
+    # round 0 knows only the 180 well: the unseen wells and barriers are lowered (by up to 5/6 of the cap),
+    # and each round that still has not seen them lowers them further
+    depths = [r["bias_range_kT"] for r in refinement.rounds]
+    assert depths[0] > 3.0 and depths[2] > depths[0]
+    last = refinement.runs[-1].angle("phi")
+    visited, _ = well_populations(last, np.ones(len(last)))
+    assert visited.min() > 0.05, visited  # every well, where plain MD of the same length saw one
+    assert refinement.bias.metadata["refinement"][-1]["round"] == 3
