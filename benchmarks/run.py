@@ -36,7 +36,8 @@ MODES = {
     "quick": {"seconds": 8.0, "reference_seconds": 15.0, "data_seconds": 10.0, "train_seconds": 10.0,
               "bias": {"data_seconds": 3.0, "rounds": 1, "round_ps": 5.0, "train_seconds_per_round": 3.0}},
     "full": {"seconds": 180.0, "reference_seconds": 300.0, "data_seconds": 120.0, "train_seconds": 120.0,
-             "bias": {"data_seconds": 15.0, "rounds": 3, "round_ps": 200.0, "train_seconds_per_round": 60.0}},
+             "bias": {"data_seconds": 15.0, "rounds": 3, "round_ps": 200.0, "train_seconds_per_round": 60.0,
+                      "cap_kT": 12.0, "bias_factor": 6.0}},
 }
 
 
@@ -77,6 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--learned-bias", default=None,
                         help="saved LearnedTorsionBias for MD+learned bias (default: built in the run from unbiased MD)")
     parser.add_argument("--no-learned-bias", action="store_true", help="leave out MD+learned bias")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the methods to run, e.g. 'MD,MD+learned bias' (default: all); "
+                             "models are trained or built only for methods that run")
     parser.add_argument("--cache", default=os.path.join(HERE, "cache"), help="reference cache folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -106,10 +110,14 @@ def main(argv=None) -> int:
           f"ΔF = {reference.delta_f_kT:.3f} ± {reference.delta_f_error_kT:.3f} kT"
           f"{' (cached)' if reference.from_cache else ''}", flush=True)
 
+    chosen = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    wants = lambda name: chosen is None or name in chosen  # noqa: E731
+    learned_methods = ("MD+TorsionDiffusionMove", "PT+TorsionDiffusionMove")
+
     # -- the learned model -------------------------------------------------------------------------
     training = None
     model_path = args.torsion_model
-    if model_path is None and args.mode == "full":
+    if model_path is None and args.mode == "full" and any(wants(m) for m in learned_methods):
         model_path = os.path.join(out, "torsion_model.pt")
         settings = {**SHIPPED_MODEL_SETTINGS, "data_seconds": mode["data_seconds"],
                     "train_seconds": mode["train_seconds"]}
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
 
     # -- the learned bias (openmm-torch issue): unbiased MD -> model -> refined by rounds of biased MD --------
     bias_path, bias_build = args.learned_bias, None
-    if bias_path is None and not args.no_learned_bias:
+    if bias_path is None and not args.no_learned_bias and wants("MD+learned bias"):
         bias_path = os.path.join(out, "learned_bias.pt")
         print(f"building a learned bias: {mode['bias']}", flush=True)
         try:
@@ -145,8 +153,14 @@ def main(argv=None) -> int:
     # -- the methods -------------------------------------------------------------------------------
     table = B.method_table(molsys, torsion_model=model_path, timewarp_model=args.timewarp_model,
                            pt_learned=args.pt_learned, learned_bias=bias_path, **DEMO_MOVE_SETTINGS)
+    if chosen is not None:
+        unknown = [m for m in chosen if m not in table]
+        if unknown:
+            parser.error(f"--methods names {unknown}, which this run does not have; it has {list(table)}")
     runs = []
     for index, (name, runner) in enumerate(table.items()):
+        if not wants(name):
+            continue
         print(f"{name}: {seconds:g} s", flush=True)
         try:
             run = runner(seconds, seed=args.seed + 10 * (index + 1), progress=progress)
