@@ -37,7 +37,7 @@ MODES = {
               "bias": {"data_seconds": 3.0, "rounds": 1, "round_ps": 5.0, "train_seconds_per_round": 3.0}},
     "full": {"seconds": 180.0, "reference_seconds": 300.0, "data_seconds": 120.0, "train_seconds": 120.0,
              "bias": {"data_seconds": 15.0, "rounds": 3, "round_ps": 200.0, "train_seconds_per_round": 60.0,
-                      "cap_kT": 12.0, "bias_factor": 6.0}},
+                      "cap_kT": 20.0, "bias_factor": 6.0}},
 }
 
 

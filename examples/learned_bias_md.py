@@ -33,7 +33,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="refinement rounds of biased MD")
     parser.add_argument("--round-ps", type=float, default=200.0, help="biased MD per round, ps")
     parser.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered gamma (inf: flatten fully)")
-    parser.add_argument("--cap-kt", type=float, default=12.0, help="largest free energy the bias removes, kT")
+    parser.add_argument("--cap-kt", type=float, default=20.0, help="largest free energy the bias removes, kT")
     parser.add_argument("--length-ps", type=float, default=500.0, help="production biased MD, ps")
     parser.add_argument("--backend", default="auto", choices=["auto", "torchforce", "pythonforce"])
     parser.add_argument("--platform", default="Reference")

@@ -850,7 +850,7 @@ def train_torsion_model(molsys: MolecularSystem, out_path: str, data_seconds: fl
 
 
 def build_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: float = 15.0, rounds: int = 3,
-                       round_ps: float = 200.0, bias_factor: float = 6.0, cap_kT: float = 12.0,
+                       round_ps: float = 200.0, bias_factor: float = 6.0, cap_kT: float = 20.0,
                        train_seconds_per_round: float = 60.0, seed: int = 0, backend: str = "auto",
                        progress: bool = False, verbose: bool = False) -> TrainingResult:
     """Unbiased MD data, then :func:`openmm_confsample.bias.refine_learned_bias` on phi/psi; the bias is saved.

@@ -1076,7 +1076,7 @@ DEFAULT_REFINE_TRAINER = {"hidden": 64, "n_layers": 3, "max_epochs": 200, "patie
 
 
 def refine_learned_bias(molsys, angles, rounds: int = 3, round_ps: float = 200.0, *, torsions=None,
-                        bias_factor: float = 6.0, cap_kT: float = 12.0, grid_points: int = 48,
+                        bias_factor: float = 6.0, cap_kT: float = 20.0, grid_points: int = 48,
                         max_frequency: int = 10, smoothing_kT: float = 0.5, save_interval_ps: float = 0.05,
                         trainer_options: dict | None = None, max_training_frames: int = 40_000, seed: int = 0,
                         platform: str = "Reference", backend: str = "auto", verbose: bool = True,
@@ -1105,7 +1105,10 @@ def refine_learned_bias(molsys, angles, rounds: int = 3, round_ps: float = 200.0
     torsions : dict name -> (i, j, k, l), optional
         Default ``molsys.torsions``.
     bias_factor, cap_kT, grid_points, max_frequency, smoothing_kT
-        As :meth:`LearnedTorsionBias.from_log_density`.
+        As :meth:`LearnedTorsionBias.from_log_density`. The cap must reach above the barriers: on alanine
+        dipeptide (gamma 6, 3 rounds of 200 ps, then 180 s of biased MD) a 12 kT cap left the phi = 0 region
+        partly unlowered (ESS/s of the phi > 0 indicator 2.9, Delta F error 0.28 kT), a 20 kT cap did not
+        (ESS/s 20.7, error 0.11 kT).
     save_interval_ps : float, ps
         Frame interval of the biased MD (the next model's training data).
     trainer_options : dict, optional
