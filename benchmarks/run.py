@@ -215,11 +215,13 @@ def main(argv=None) -> int:
                      f"amortized in `ESS/s incl. training`")
     if bias_build is not None:
         rounds = bias_build["settings"]["rounds"]
+        first_ps = bias_build["settings"].get("round0_first_phi_positive_ps")
+        first = "never" if first_ps is None else f"at {first_ps:.1f} ps"
+        kish = ", ".join(f"{r['kish_ess']:.0f}/{r['frames']}" for r in rounds if "kish_ess" in r)
         lines.append(f"- learned bias: {bias_build['data_seconds']:.0f} s unbiased MD + {len(rounds) - 1} refinement "
                      f"rounds ({bias_build['train_seconds']:.0f} s: training and biased MD), bias factor "
                      f"{bias_build['settings']['bias_factor']:g}, cap {bias_build['settings']['cap_kT']:g} kT; "
-                     "Kish ESS per round: " + ", ".join(f"{r['kish_ess']:.0f}/{r['frames']}" for r in rounds
-                                                       if "kish_ess" in r))
+                     f"Kish ESS per round: {kish}; round 0's biased MD first reached phi > 0 {first}")
     lines += ["", table_md]
     learned = [r for r in rows if r.get("ess_per_s_incl_training") is not None]
     for r in learned:

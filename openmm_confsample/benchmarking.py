@@ -873,7 +873,8 @@ def build_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: flo
     -------
     TrainingResult
         ``data_seconds``: the unbiased MD; ``train_seconds``: the whole refinement (training and biased MD);
-        ``model``: the bias; ``settings['rounds']``: the per-round summary.
+        ``model``: the bias; ``settings['rounds']``: the per-round summary;
+        ``settings['round0_first_phi_positive_ps']``: when round 0's biased MD first reached phi > 0 (None: never).
     """
     from .bias import refine_learned_bias
 
@@ -889,7 +890,12 @@ def build_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: flo
                                      trainer_options={"max_time_s": float(train_seconds_per_round)},
                                      verbose=verbose, progress=progress)
     refine_wall = time.perf_counter() - t0
+    first_entry_ps = None  # when the first biased run (round 0) first reached phi > 0
+    if refinement.runs:
+        hits = np.nonzero(refinement.runs[0].angle("phi") > 0)[0]
+        first_entry_ps = float(refinement.runs[0].time_ps[hits[0]]) if len(hits) else None
     settings = {"data_seconds": data_seconds, "unbiased_frames": data.n_samples,
+                "round0_first_phi_positive_ps": first_entry_ps,
                 "unbiased_fraction_phi_positive": float(np.mean(data.phi > 0)), "rounds": refinement.rounds,
                 "round_ps": round_ps, "bias_factor": bias_factor, "cap_kT": cap_kT,
                 "train_seconds_per_round": train_seconds_per_round, "seed": seed}
