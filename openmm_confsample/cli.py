@@ -53,6 +53,18 @@ def _cmd_train(args):
         print(f"{key}: {value}")
 
 
+def _cmd_bias(args):
+    from .systems import resolve_system
+    from .workflows import build_learned_bias
+
+    molsys = resolve_system(args.system, args.forcefield, args.temperature)
+    _, summary = build_learned_bias(molsys, args.trajectories, args.out, topology=args.topology, rounds=args.rounds,
+                                    round_ps=args.round_ps, bias_factor=args.bias_factor, cap_kT=args.cap_kt,
+                                    train_minutes_per_round=args.train_minutes, seed=args.seed,
+                                    platform=args.platform, backend=args.backend, progress=not args.quiet)
+    print(f"wrote {summary['bias']} and {summary['summary']} ({summary['wall_seconds']:.0f} s)")
+
+
 def _make_move(args, molsys):
     if args.move == "diffusion":
         from .moves.torsion_diffusion import TorsionDiffusionMove
@@ -210,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
     reweight.add_argument("--out", default="runs/reweight", help="output directory (default runs/reweight)")
     reweight.add_argument("--quiet", action="store_true", help="no progress bar")
     reweight.set_defaults(func=_cmd_reweight)
+
+    bias = commands.add_parser("bias", help="build a learned torsion bias from MD and refine it by rounds of biased MD",
+                               description="Train a torsion diffusion model on unbiased trajectories, turn its free "
+                                           "energy into a well-tempered, capped bias on the system's torsions, and "
+                                           "refine it by rounds of biased MD (TorchForce when openmm-torch imports, "
+                                           "else PythonForce). Writes the bias (.pt, LearnedTorsionBias.load) and a "
+                                           "JSON summary; reweight biased frames by exp(+B/kT).")
+    _add_system_arguments(bias)
+    bias.add_argument("--trajectories", nargs="+", required=True, metavar="FILE",
+                      help="unbiased DCD/XTC/HDF5 trajectories (e.g. from `confsample simulate`)")
+    bias.add_argument("--topology", default=None, help="topology PDB for DCD/XTC files (default: the system's)")
+    bias.add_argument("--out", required=True, help="bias file to write (.pt)")
+    bias.add_argument("--rounds", type=int, default=3, help="refinement rounds of biased MD (default 3)")
+    bias.add_argument("--round-ps", type=float, default=200.0, help="biased MD per round in ps (default 200)")
+    bias.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered gamma (default 6; inf: flat)")
+    bias.add_argument("--cap-kt", type=float, default=20.0, help="largest free energy removed, in kT (default 20)")
+    bias.add_argument("--train-minutes", type=float, default=1.0, help="training budget per round (default 1)")
+    bias.add_argument("--backend", choices=("auto", "torchforce", "pythonforce"), default="auto",
+                      help="force backend of the bias (default auto: TorchForce if openmm-torch imports)")
+    bias.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
+    bias.add_argument("--seed", type=int, default=0)
+    bias.add_argument("--quiet", action="store_true", help="no progress bars")
+    bias.set_defaults(func=_cmd_bias)
 
     demo = commands.add_parser("demo", help="the main job: plain MD vs MD + learned torsion moves, same wall time",
                                description="Run plain MD and MD + TorsionDiffusionMove for the same wall time on "

@@ -150,6 +150,40 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     return model, summary
 
 
+def build_learned_bias(molsys: MolecularSystem, trajectories, out_path: str, topology=None, torsions=None,
+                       rounds: int = 3, round_ps: float = 200.0, bias_factor: float = 6.0, cap_kT: float = 20.0,
+                       train_minutes_per_round: float = 1.0, seed: int = 0, platform: str = "Reference",
+                       backend: str = "auto", progress: bool = True):
+    """A learned torsion bias from unbiased ``trajectories``, refined by rounds of biased MD, saved to ``out_path``.
+
+    Thin composition of :func:`openmm_confsample.bias.refine_learned_bias`: the trajectories' torsions
+    (``torsions``, default the system's named ones) train round 0; ``out_path`` gets the final
+    :class:`~openmm_confsample.bias.LearnedTorsionBias` and ``<out>.json`` the per-round summary.
+    Returns (LearnedTorsionBias, summary dict).
+    """
+    from .bias import refine_learned_bias
+
+    torsions = dict(torsions or molsys.torsions)
+    if not torsions:
+        raise ConfSampleError(f"system '{molsys.name}' has no named torsions; pass torsions=.")
+    loaded = _load_all(molsys, trajectories, topology)
+    angles = np.concatenate([torsion_angles(t, np.array(list(torsions.values()))) for t in loaded])
+    refinement = refine_learned_bias(molsys, angles, rounds=rounds, round_ps=round_ps, torsions=torsions,
+                                     bias_factor=bias_factor, cap_kT=cap_kT, seed=seed, platform=platform,
+                                     backend=backend, trainer_options={"max_time_s": 60.0 * train_minutes_per_round},
+                                     verbose=True, progress=progress)
+    bias = refinement.bias
+    bias.metadata = {**bias.metadata, "system": molsys.name, "data_source": [os.path.abspath(p) for p in trajectories],
+                     "torsions": {name: list(map(int, q)) for name, q in torsions.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    bias.save(out_path)
+    summary = {"bias": os.path.abspath(out_path), "unbiased_frames": int(len(angles)), **refinement.to_dict()}
+    summary_path = os.path.splitext(out_path)[0] + ".json"
+    write_json(summary_path, summary)
+    summary["summary"] = summary_path
+    return bias, summary
+
+
 @dataclass
 class SamplingResult:
     trajectory_path: str

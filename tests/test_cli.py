@@ -71,3 +71,20 @@ def test_reweight_pipeline_command(tmp_path, capsys):
                  "--validate-ps", "0.5", "--validate-count", "2", "--out", str(out_dir), "--quiet"]) == 0
     for name in ("resampled.pdb", "resampled.dcd", "weights.csv", "summary.json", "validation.png"):
         assert (out_dir / name).exists(), name
+
+
+def test_bias_command_writes_a_loadable_bias_and_its_rounds(tmp_path, capsys, short_md):
+    from openmm_confsample.bias import LearnedTorsionBias
+
+    out = tmp_path / "bias.pt"
+    assert main(["bias", "alanine-dipeptide-implicit", "--trajectories", short_md.trajectory_path, "--out", str(out),
+                 "--rounds", "1", "--round-ps", "2", "--train-minutes", "0.05", "--backend", "pythonforce",
+                 "--quiet"]) == 0
+    assert "bias round 1" in capsys.readouterr().out
+    bias = LearnedTorsionBias.load(out)
+    assert bias.n_torsions == 2 and bias.bias_factor == 6.0 and bias.cap_kJ == pytest.approx(20.0 * bias.kT)
+    summary = json.load(open(tmp_path / "bias.json"))
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert summary["unbiased_frames"] == 80 and summary["rounds"][0]["training_frames"] == 80  # 40 ps, 0.5 ps frames
+    assert summary["rounds"][0]["frames"] == 40  # 2 ps of biased MD, 0.05 ps frames
+    assert bias.metadata["refinement"][-1]["round"] == 1
