@@ -5,7 +5,7 @@
 
 Methods (same wall budget each): plain MD; MD + TorsionDiffusionMove; MD + von Mises basin mixture (the
 non-learned baseline); parallel tempering (openmmtools, 4 replicas 300-550 K); MD with a learned torsion
-bias (built in the run from unbiased MD by ``benchmarking.build_learned_bias``, reweighted); optionally
+bias (built in the run from unbiased MD by ``benchmarking.train_learned_bias``, reweighted); optionally
 PT + TorsionDiffusionMove (``--pt-learned``) and MD + TimewarpMove (``--timewarp-model PATH``).
 Every run is compared with an exact reference (MD + basin torsion moves, cached under benchmarks/cache/).
 The learned model's data generation and training time are reported separately and amortized
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         bias_path = os.path.join(out, "learned_bias.pt")
         print(f"building a learned bias: {mode['bias']}", flush=True)
         try:
-            built = B.build_learned_bias(molsys, bias_path, seed=args.seed, progress=progress, verbose=progress,
+            built = B.train_learned_bias(molsys, bias_path, seed=args.seed, progress=progress, verbose=progress,
                                          **mode["bias"])
             bias_build = {"data_seconds": built.data_seconds, "train_seconds": built.train_seconds,
                           "settings": built.settings, "path": bias_path}

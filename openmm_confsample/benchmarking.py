@@ -58,7 +58,7 @@ __all__ = [
     "run_reference",
     "basin_proposal",
     "train_torsion_model",
-    "build_learned_bias",
+    "train_learned_bias",
     "method_table",
     "summarize",
     "indicator_ess",
@@ -362,7 +362,7 @@ def run_plain_md(molsys: MolecularSystem, wall_seconds: float, timestep_fs: floa
     equilibration_steps : int
         Steps after minimization, before the clock starts.
     bias : LearnedTorsionBias or path, optional
-        A learned torsion bias (:mod:`openmm_confsample.bias`, e.g. from :func:`build_learned_bias`) added to
+        A learned torsion bias (:mod:`openmm_confsample.bias`, e.g. from :func:`train_learned_bias`) added to
         a copy of the System; each sample's bias energy is read from the bias's force group and the run
         carries the weights ``exp(+B/kT)`` that make its averages unbiased.
     bias_backend : {'auto', 'torchforce', 'pythonforce'}
@@ -849,7 +849,7 @@ def train_torsion_model(molsys: MolecularSystem, out_path: str, data_seconds: fl
     return TrainingResult(str(out_path), data_wall, train_wall, int(len(angles)), settings, model)
 
 
-def build_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: float = 15.0, rounds: int = 3,
+def train_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: float = 15.0, rounds: int = 3,
                        round_ps: float = 200.0, bias_factor: float = 6.0, cap_kT: float = 20.0,
                        train_seconds_per_round: float = 60.0, seed: int = 0, backend: str = "auto",
                        progress: bool = False, verbose: bool = False) -> TrainingResult:
@@ -900,7 +900,7 @@ def build_learned_bias(molsys: MolecularSystem, out_path: str, data_seconds: flo
                 "round_ps": round_ps, "bias_factor": bias_factor, "cap_kT": cap_kT,
                 "train_seconds_per_round": train_seconds_per_round, "seed": seed}
     bias = refinement.bias
-    bias.metadata = {**bias.metadata, "system": molsys.name, "built_by": "benchmarking.build_learned_bias",
+    bias.metadata = {**bias.metadata, "system": molsys.name, "built_by": "benchmarking.train_learned_bias",
                      "settings": _plain({k: v for k, v in settings.items() if k != "rounds"})}
     bias.save(out_path)
     return TrainingResult(str(out_path), data_wall, refine_wall, data.n_samples, settings, bias)

@@ -1,0 +1,56 @@
+"""Langevin MD of alanine-dipeptide-implicit for Timewarp training: frames every 0.05 ps, one .npy per trajectory.
+
+    OMP_NUM_THREADS=1 python benchmarks/timewarp_data.py --out /tmp/timewarp_work/md --n-traj 8 --length-ps 1000
+
+Each trajectory starts from the minimised PDB structure with its own seed and 20 ps of equilibration; pairs
+are later formed within one trajectory only. Frames are float32 nm, shape (n_frames, 22, 3).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import openmm
+from openmm import unit
+
+from openmm_confsample.systems import get_system
+
+
+def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, friction_per_ps=1.0):
+    ala = get_system("alanine-dipeptide-implicit")
+    os.makedirs(out, exist_ok=True)
+    steps_per_frame = int(round(save_interval_ps * 1000 / timestep_fs))
+    n_frames = int(round(length_ps / save_interval_ps))
+    for i in range(n_traj):
+        seed = seed0 + i
+        integrator = openmm.LangevinMiddleIntegrator(ala.temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
+                                                     timestep_fs * unit.femtosecond)
+        integrator.setRandomNumberSeed(seed)
+        context = ala.create_context("Reference", integrator)
+        openmm.LocalEnergyMinimizer.minimize(context)
+        context.setVelocitiesToTemperature(ala.temperature_K * unit.kelvin, seed)
+        integrator.step(20000)
+        frames = np.empty((n_frames, ala.n_atoms if hasattr(ala, "n_atoms") else 22, 3), np.float32)
+        t0 = time.time()
+        for f in range(n_frames):
+            integrator.step(steps_per_frame)
+            frames[f] = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        np.save(os.path.join(out, f"traj_{seed}.npy"), frames)
+        with open(os.path.join(out, f"traj_{seed}.json"), "w") as fh:
+            json.dump({"seed": seed, "save_interval_ps": save_interval_ps, "length_ps": length_ps,
+                       "timestep_fs": timestep_fs, "friction_per_ps": friction_per_ps,
+                       "temperature_K": ala.temperature_K, "seconds": time.time() - t0}, fh)
+        print(f"trajectory {seed}: {n_frames} frames in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/timewarp_work/md")
+    parser.add_argument("--n-traj", type=int, default=8)
+    parser.add_argument("--length-ps", type=float, default=1000.0)
+    parser.add_argument("--save-interval-ps", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=100)
+    args = parser.parse_args()
+    run(args.out, args.n_traj, args.length_ps, args.save_interval_ps, args.seed)
