@@ -1224,14 +1224,16 @@ def plot_comparison(runs: Sequence[SamplerRun], reference: ReferenceEstimate | N
     paths = {"ramachandran": os.path.join(out_dir, "ramachandran.png"),
              "free_energy_phi": os.path.join(out_dir, "free_energy_phi.png"),
              "tic0": os.path.join(out_dir, "tic0.png")}
-    plot_ramachandran_comparison({r.method: (r.phi, r.psi) for r in everything}, path=paths["ramachandran"],
-                                 bins=36, vmax=10.0)
-    plot_free_energy_1d({r.method: np.degrees(r.phi) for r in everything}, bins=np.linspace(-180, 180, 37),
-                        xlabel="phi (deg)", path=paths["free_energy_phi"])
+    # reweighted runs (learned bias) are drawn with their weights: the unbiased estimate, not the biased frames
+    plot_ramachandran_comparison({r.method: (r.phi, r.psi) if r.weights is None else (r.phi, r.psi, r.weights)
+                                  for r in everything}, path=paths["ramachandran"], bins=36, vmax=10.0)
+    plot_free_energy_1d({r.method: np.degrees(r.phi) if r.weights is None else (np.degrees(r.phi), r.weights)
+                         for r in everything}, bins=np.linspace(-180, 180, 37), xlabel="phi (deg)",
+                        path=paths["free_energy_phi"])
     tica = _tica_model(reference, runs, tica_lagtime)
-    if tica is not None:
-        plot_tica({r.method: tica_project(tica, torsion_features(r.angles))[:, :1] for r in everything},
-                  path=paths["tic0"], bins=40)
+    if tica is not None:  # plot_tica takes no weights: a reweighted run would show its biased profile, so it is left out
+        plot_tica({r.method: tica_project(tica, torsion_features(r.angles))[:, :1] for r in everything
+                   if r.weights is None}, path=paths["tic0"], bins=40)
     else:
         paths.pop("tic0")
     return paths
