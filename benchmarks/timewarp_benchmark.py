@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 
 from openmm_confsample import benchmarking as B

@@ -32,7 +32,7 @@ def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, fricti
         openmm.LocalEnergyMinimizer.minimize(context)
         context.setVelocitiesToTemperature(ala.temperature_K * unit.kelvin, seed)
         integrator.step(20000)
-        frames = np.empty((n_frames, ala.n_atoms if hasattr(ala, "n_atoms") else 22, 3), np.float32)
+        frames = np.empty((n_frames, len(ala.atom_labels), 3), np.float32)
         t0 = time.time()
         for f in range(n_frames):
             integrator.step(steps_per_frame)

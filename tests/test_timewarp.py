@@ -255,3 +255,127 @@ def test_training_beats_the_data_fitted_gaussian(ala, long_md_pairs):
     trainer.fit_likelihood(x0[:600], x1[:600], ala.atom_labels, val=(x0[600:], x1[600:]), epochs=3, batch_size=16,
                            lr=3e-3)
     assert min(trainer.history["val_nll"]) < trainer.history["initial_val_nll"][0] - 1.0
+
+
+# -- internal coordinates ---------------------------------------------------------------------------------------
+
+INTERNAL = dict(SMALL, coordinates="internal")
+
+
+@pytest.fixture(scope="module")
+def internal_model(ala):
+    from openmm_confsample.models.timewarp import zmatrix_for
+
+    torch.manual_seed(0)
+    model = TimewarpModel(ala.atom_labels, dict(INTERNAL, zmatrix=zmatrix_for(ala.atom_labels, topology=ala.topology)))
+    model = _perturbed(model, scale=0.05)
+    with torch.no_grad():  # a correlated baseline, as the trainer fits it
+        n = len(model.ic_chol)
+        generator = torch.Generator().manual_seed(1)
+        model.ic_chol.copy_(torch.tril(0.1 * torch.randn(n, n, generator=generator), -1)
+                            + torch.diag(torch.exp(0.2 * torch.randn(n, generator=generator))))
+    return model
+
+
+def test_zmatrix_from_topology_and_from_geometry_agree(ala):
+    from openmm_confsample.models.timewarp import zmatrix_for
+
+    from_topology = zmatrix_for(ala.atom_labels, topology=ala.topology)
+    assert zmatrix_for(ala.atom_labels, positions_nm=ala.positions_nm) == from_topology
+    assert sorted(row[0] for row in from_topology) == list(range(22))
+    assert from_topology[0][0] == 8  # the alpha carbon is the graph centre
+
+
+def test_internal_coordinates_round_trip_and_jacobian(ala):
+    """x -> q -> x is the identity on the pose fibre, and dx = J(q) dq dPose with J = r1^2 prod r^2 sin(theta)."""
+    from openmm_confsample.models.timewarp import zmatrix_for
+    from openmm_confsample.models.timewarp_layers import InternalCoordinates
+
+    ic = InternalCoordinates(zmatrix_for(ala.atom_labels, topology=ala.topology)).double()
+    x = torch.tensor(ala.positions_nm)[None]
+    q = ic.to_internal(x)
+    assert torch.allclose(ic.to_cartesian(q, x), x, atol=1e-12)
+    generator = torch.Generator().manual_seed(0)
+    q2 = q + torch.randn(q.shape, generator=generator, dtype=torch.float64) * torch.tensor([0.003, 0.05, 0.3]) * ic.mask
+    x2 = ic.to_cartesian(q2, x)
+    dq = ic.to_internal(x2) - q2
+    dq[..., 2] = torch.remainder(dq[..., 2] + math.pi, 2 * math.pi) - math.pi
+    assert dq.abs().max() < 1e-10
+    index = torch.nonzero(ic.mask.reshape(-1) > 0)[:, 0]
+
+    def rotation(a, b, c):  # z-y-z Euler angles; the Haar density is sin(b)
+        def rz(t):
+            return torch.stack([torch.stack([torch.cos(t), -torch.sin(t), 0 * t]),
+                                torch.stack([torch.sin(t), torch.cos(t), 0 * t]), torch.stack([0 * t, 0 * t, 1 + 0 * t])])
+
+        ry = torch.stack([torch.stack([torch.cos(b), 0 * b, torch.sin(b)]), torch.stack([0 * b, 1 + 0 * b, 0 * b]),
+                          torch.stack([-torch.sin(b), 0 * b, torch.cos(b)])])
+        return rz(a) @ ry @ rz(c)
+
+    def cartesian(params):
+        qq = torch.zeros(66, dtype=torch.float64).index_put((index,), params[:60]).view(1, 22, 3)
+        return (ic.to_cartesian(qq, x)[0] @ rotation(*params[63:]).T + params[60:63]).reshape(-1)
+
+    for qq in (q, q2):
+        params = torch.cat([qq.reshape(-1)[index], torch.zeros(3, dtype=torch.float64),
+                            torch.tensor([0.3, 1.1, -0.4], dtype=torch.float64)])
+        log_det = torch.linalg.slogdet(torch.autograd.functional.jacobian(cartesian, params))[1].item()
+        assert abs(log_det - math.log(math.sin(1.1)) - ic.log_jacobian(qq).item()) < 1e-8
+
+
+def test_internal_flow_sample_log_prob_and_log_det(internal_model, ala):
+    model = internal_model.double()
+    try:
+        x_new, v_new, log_prob = model.sample(ala.positions_nm, 16, generator=3)
+        inside = np.all(np.isfinite(x_new), axis=(1, 2))
+        assert inside.sum() >= 12
+        np.testing.assert_allclose(model.log_prob(x_new[inside], v_new[inside], ala.positions_nm), log_prob[inside],
+                                   rtol=0, atol=1e-8)
+        # The pose (root atom, root -> second atom direction, plane of the third) is kept.
+        rows = model.internal.rows[:, 0].tolist()
+        assert np.allclose(x_new[inside][:, rows[0]], ala.positions_nm[rows[0]], atol=1e-12)
+        # log-det of z -> (q', v) against a brute-force Jacobian.
+        mask = model.internal.mask.reshape(-1) > 0
+        index = torch.nonzero(mask)[:, 0]
+        x_cond = torch.tensor(ala.positions_nm)[None]
+        generator = torch.Generator().manual_seed(5)
+        z = 0.5 * torch.randn(132, generator=generator, dtype=torch.float64)
+        z[:66][~mask] = 0.0
+
+        def flow(z_active):
+            z_x = torch.zeros(66, dtype=torch.float64).index_put((index,), z_active[:60]).view(1, 22, 3)
+            displacement, v, _ = model.transform(z_x, z_active[60:].view(1, 22, 3), x_cond)
+            q = model.internal.to_internal(x_cond + displacement)
+            return torch.cat([q.reshape(-1)[index], v.reshape(-1)])
+
+        z_active = torch.cat([z[:66][index], z[66:]])
+        jacobian = torch.autograd.functional.jacobian(flow, z_active)
+        with torch.no_grad():
+            displacement, _, log_det = model.transform(z[:66].view(1, 22, 3), z[66:].view(1, 22, 3), x_cond)
+            q = model.internal.to_internal(x_cond + displacement)
+        expected = torch.linalg.slogdet(jacobian)[1] + model.internal.log_jacobian(q)
+        assert abs(log_det.item() - expected.item()) < 1e-7
+    finally:
+        model.float()
+
+
+def test_internal_baseline_fit_and_save_load(ala, md_pairs, tmp_path):
+    x0, x1 = md_pairs
+    trainer = TimewarpTrainer(INTERNAL, seed=0, progress=False)
+    trainer.fit_likelihood(x0[:128], x1[:128], ala.atom_labels, val=(x0[128:], x1[128:]), epochs=1, batch_size=32,
+                           lr=1e-3)
+    model = trainer.fetch_model()
+    mask = model.internal.mask > 0
+    sd = torch.exp(model.ic_log_sd)[mask[:, 0], 0]
+    # Bond-length spreads at 300 K are a few pm (C-H: sqrt(kT / k) = 3 pm).
+    assert torch.all((sd > 5e-4) & (sd < 0.02))
+    # The residual correlation (e.g. of the angles around one atom) is fitted: a Cholesky factor, not identity.
+    chol = model.ic_chol
+    assert torch.equal(chol, torch.tril(chol)) and torch.all(torch.diagonal(chol) > 0)
+    assert (chol - torch.eye(len(chol))).abs().max() > 0.3
+    path = model.save(tmp_path / "internal.pt")
+    loaded = TimewarpModel.load(path, molecular_system=ala)
+    x_new, v_new, log_prob = model.sample(ala.positions_nm, 8, generator=1)
+    inside = np.all(np.isfinite(x_new), axis=(1, 2))
+    np.testing.assert_allclose(loaded.log_prob(x_new[inside], v_new[inside], ala.positions_nm), log_prob[inside],
+                               atol=2e-3)

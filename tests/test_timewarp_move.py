@@ -77,3 +77,40 @@ def test_exploration_mode_is_labelled_biased(well, random_flow):
     run_chain(well, move, 50, _x)
     assert move.statistics["exact"] is False
     assert TimewarpMove(random_flow, well, seed=0).statistics["exact"] is True
+
+
+@pytest.mark.slow
+def test_internal_coordinate_flow_move_is_exact_and_control_fails():
+    """A random flow in internal coordinates (pose kept, J(q) in the density) samples the torsion marginal."""
+    from openmm_confsample.models.timewarp import zmatrix_for
+    from openmm_confsample.testing import four_atom_torsion_system, torsion_bin_probabilities
+
+    chain = four_atom_torsion_system()
+    torch.manual_seed(1)
+    config = TimewarpConfig(n_coupling_layers=2, hidden_dim=16, embedding_dim=8, coordinates="internal",
+                            zmatrix=zmatrix_for(chain.atom_labels, topology=chain.topology))
+    model = TimewarpModel(chain.atom_labels, config, metadata={"topology_fingerprint": chain.fingerprint()})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        model.ic_log_sd.copy_(torch.log(torch.tensor([0.004, 0.08, 1.2])).repeat(4, 1))
+        # Torsion proposals drawn around 2 rad whatever the state: strongly asymmetric, so dropping the Hastings term must show.
+        model.ic_coef[:, 2] = 0.0
+        model.ic_mean[:, 2] = 2.0
+        # Correlated baseline noise, as the trainer fits it.
+        model.ic_chol.copy_(torch.eye(6) + torch.tril(0.3 * torch.randn(6, 6), -1))
+    edges = np.linspace(-np.pi, np.pi, 7)
+
+    def phi(positions):
+        from openmm_confsample.geometry.torsions import dihedral_angles
+
+        return float(np.ravel(dihedral_angles(positions, [[0, 1, 2, 3]]))[0])
+
+    move = TimewarpMove(model, chain, n_proposals=4, seed=2)
+    result = run_chain(chain, move, 4000, phi, seed=2)
+    probabilities = torsion_bin_probabilities(edges)
+    assert chi_square_test(result.observable, edges, probabilities).p_value > 1e-3
+    assert 0.05 < result.statistics["acceptance_rate"] < 0.95
+    control = run_chain(chain, MetropolisHastingsEngine(WithoutHastings(move.proposal), n_proposals=4, seed=2), 8000,
+                        phi, seed=2)
+    assert chi_square_test(control.observable, edges, probabilities).p_value < 1e-6

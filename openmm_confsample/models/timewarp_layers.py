@@ -17,6 +17,8 @@ Dynamics", NeurIPS 2023.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -80,9 +82,10 @@ class AtomTransformer(nn.Module):
     The last linear layer starts at zero, so an untrained coupling layer is the identity.
     """
 
-    def __init__(self, embedding_dim: int, hidden_dim: int, n_layers: int, n_heads: int, head_dim: int):
+    def __init__(self, embedding_dim: int, hidden_dim: int, n_layers: int, n_heads: int, head_dim: int,
+                 extra_features: int = 0):
         super().__init__()
-        self.input_mlp = nn.Sequential(nn.Linear(3 + embedding_dim + 3, hidden_dim), nn.SiLU(),
+        self.input_mlp = nn.Sequential(nn.Linear(3 + embedding_dim + 3 + extra_features, hidden_dim), nn.SiLU(),
                                        nn.Linear(hidden_dim, hidden_dim))
         self.layers = nn.ModuleList(TransformerLayer(hidden_dim, n_heads, head_dim) for _ in range(n_layers))
         self.output_mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 6))
@@ -91,8 +94,10 @@ class AtomTransformer(nn.Module):
 
     def forward(self, other: torch.Tensor, context: "FlowContext") -> tuple[torch.Tensor, torch.Tensor]:
         batch = other.shape[0]
-        features = torch.cat([context.x_centred.expand(batch, -1, -1), context.embedding.expand(batch, -1, -1), other],
-                             dim=-1)
+        parts = [context.x_centred.expand(batch, -1, -1), context.embedding.expand(batch, -1, -1), other]
+        if context.features is not None:
+            parts.append(context.features.expand(batch, -1, -1))
+        features = torch.cat(parts, dim=-1)
         h = self.input_mlp(features)
         for layer in self.layers:
             h = layer(h, context.weights)
@@ -103,28 +108,39 @@ class AtomTransformer(nn.Module):
 class FlowContext:
     """What the conditioning state contributes, computed once per call and shared by all layers.
 
-    x_centred : (B or 1, n, 3) nm, conditioning positions minus their geometric centroid
+    x_centred : (B or 1, n, 3) nm, conditioning positions minus their geometric centroid (or, in internal
+        coordinates, in the pose frame of the Z-matrix)
     embedding : (1, n, E) atom-type embeddings
     weights : (B or 1, H, n, n) kernel attention weights
+    features : (B or 1, n, F) further per-atom inputs, or None
+    mask : (n, 3) 1 where a position coordinate exists, or None (all exist)
+    q_cond : (B or 1, n, 3) internal coordinates of the conditioning state, or None
     """
 
-    __slots__ = ("x_centred", "embedding", "weights")
+    __slots__ = ("x_centred", "embedding", "weights", "features", "mask", "q_cond")
 
-    def __init__(self, x_centred: torch.Tensor, embedding: torch.Tensor, weights: torch.Tensor):
+    def __init__(self, x_centred: torch.Tensor, embedding: torch.Tensor, weights: torch.Tensor, features=None,
+                 mask=None, q_cond=None):
         self.x_centred, self.embedding, self.weights = x_centred, embedding, weights
+        self.features, self.mask, self.q_cond = features, mask, q_cond
 
 
 class AffineCoupling(nn.Module):
     """``target -> target * exp(s) + t`` with ``(t, s)`` from the other half; ``s = s_max * tanh(raw / s_max)``."""
 
-    def __init__(self, transformer: AtomTransformer, max_log_scale: float):
+    def __init__(self, transformer: AtomTransformer, max_log_scale: float, masked: bool = False):
         super().__init__()
         self.transformer = transformer
         self.max_log_scale = float(max_log_scale)
+        self.masked = bool(masked)
 
     def _shift_log_scale(self, other, context):
         shift, raw = self.transformer(other, context)
-        return shift, self.max_log_scale * torch.tanh(raw / self.max_log_scale)
+        log_scale = self.max_log_scale * torch.tanh(raw / self.max_log_scale)
+        if self.masked and context.mask is not None:
+            # Coordinates that do not exist stay at zero and add nothing to the log-determinant.
+            shift, log_scale = shift * context.mask, log_scale * context.mask
+        return shift, log_scale
 
     def forward(self, target, other, context):
         shift, log_scale = self._shift_log_scale(other, context)
@@ -139,12 +155,14 @@ class CouplingBlock(nn.Module):
     """One Timewarp coupling layer: positions from velocities, then velocities from the new positions."""
 
     def __init__(self, embedding_dim: int, hidden_dim: int, n_attention_layers: int, n_heads: int, head_dim: int,
-                 max_log_scale: float):
+                 max_log_scale: float, extra_features: int = 0):
         super().__init__()
         self.position_coupling = AffineCoupling(
-            AtomTransformer(embedding_dim, hidden_dim, n_attention_layers, n_heads, head_dim), max_log_scale)
+            AtomTransformer(embedding_dim, hidden_dim, n_attention_layers, n_heads, head_dim, extra_features),
+            max_log_scale, masked=True)
         self.velocity_coupling = AffineCoupling(
-            AtomTransformer(embedding_dim, hidden_dim, n_attention_layers, n_heads, head_dim), max_log_scale)
+            AtomTransformer(embedding_dim, hidden_dim, n_attention_layers, n_heads, head_dim, extra_features),
+            max_log_scale)
 
     def forward(self, y, v, context):
         y, log_det_y = self.position_coupling(y, v, context)
@@ -155,3 +173,191 @@ class CouplingBlock(nn.Module):
         v, log_det_v = self.velocity_coupling.inverse(v, y, context)
         y, log_det_y = self.position_coupling.inverse(y, v, context)
         return y, v, log_det_y + log_det_v
+
+
+# -- internal coordinates (optional output space of the flow) -----------------------------------------
+#
+# In ``coordinates="internal"`` mode the flow's position half lives on bond lengths, bond angles and
+# torsions of a Z-matrix instead of Cartesian displacements. Atom ``i`` (not the first three placed) is put
+# at distance r from its parent j, angle theta(i, j, k) and torsion phi(i, j, k, l) from previously placed
+# atoms. The first three placed atoms fix the pose (position of the root, direction root -> second atom,
+# half-plane of the third): a proposal keeps the pose of x(t) and changes the 3n - 6 internal coordinates.
+# On that fibre dx = J(q) dq with J(q) = r_1^2 prod_{i>=2} r_i^2 sin(theta_i) (the rotation part is the
+# Haar measure, which does not depend on q), so densities in Cartesian coordinates differ from those in q by
+# -log J(q).
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def bond_angle(p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """Angle p0-p1-p2 in radians, (...,)."""
+    a, b = p0 - p1, p2 - p1
+    return torch.atan2(torch.cross(a, b, dim=-1).norm(dim=-1), (a * b).sum(-1))
+
+
+def dihedral(p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor) -> torch.Tensor:
+    """IUPAC torsion p0-p1-p2-p3 in radians in (-pi, pi], (...,)."""
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1n = _unit(b1)
+    v = b0 - (b0 * b1n).sum(-1, keepdim=True) * b1n
+    w = b2 - (b2 * b1n).sum(-1, keepdim=True) * b1n
+    x = (v * w).sum(-1)
+    y = (torch.cross(b1n, v, dim=-1) * w).sum(-1)
+    return torch.atan2(y, x)
+
+
+def wrap_angle(a: torch.Tensor) -> torch.Tensor:
+    """Angles mapped to [-pi, pi)."""
+    return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
+
+
+def zmatrix_from_bonds(bonds, n_atoms: int, heavy=None) -> list:
+    """Z-matrix rows ``(i, j, k, l)`` in placement order (-1 where a reference is unused), from a bond list.
+
+    The root is the graph centre among heavy atoms; atoms are placed breadth-first, heavy atoms first. The
+    torsion reference ``l`` is an already placed sibling of ``i`` on ``j`` when there is one (so methyl
+    hydrogens and branches get near-rigid relative torsions) and otherwise a placed neighbour of ``k``.
+    """
+    heavy = [True] * n_atoms if heavy is None else [bool(h) for h in heavy]
+    adj = [[] for _ in range(n_atoms)]
+    for a, b in bonds:
+        adj[int(a)].append(int(b))
+        adj[int(b)].append(int(a))
+    for a in range(n_atoms):
+        adj[a].sort(key=lambda x: (not heavy[x], x))
+
+    def eccentricity(s):
+        dist = {s: 0}
+        frontier = [s]
+        while frontier:
+            nxt = []
+            for a in frontier:
+                for b in adj[a]:
+                    if b not in dist:
+                        dist[b] = dist[a] + 1
+                        nxt.append(b)
+            frontier = nxt
+        return max(dist.values()) if len(dist) == n_atoms else math.inf
+
+    candidates = [a for a in range(n_atoms) if heavy[a] and len(adj[a]) >= 2] or list(range(n_atoms))
+    root = min(candidates, key=lambda a: (eccentricity(a), -len(adj[a]), a))
+    if not math.isfinite(eccentricity(root)):
+        raise ValueError("the bond graph is not connected; internal coordinates need one molecule.")
+    order, parent = [root], {root: -1}
+    head = 0
+    while head < len(order):
+        a = order[head]
+        head += 1
+        for b in adj[a]:
+            if b not in parent:
+                parent[b] = a
+                order.append(b)
+    if n_atoms < 3:
+        raise ValueError("internal coordinates need at least three atoms.")
+    placed, rows = set(), []
+    for i in order:
+        j = parent[i]
+        k = l = -1
+        if j >= 0:
+            k_options = [b for b in adj[j] if b in placed and b != i]
+            if parent[j] >= 0:
+                k_options = [parent[j]] + [b for b in k_options if b != parent[j]]
+            k = k_options[0] if k_options else -1
+            if len(placed) >= 3:
+                siblings = [b for b in adj[j] if b in placed and b not in (i, k)]
+                if siblings:
+                    l = siblings[0]
+                else:
+                    l_options = [b for b in adj[k] if b in placed and b not in (i, j)]
+                    if not l_options:
+                        l_options = [b for b in placed if b not in (i, j, k)]
+                    l = l_options[0]
+        rows.append((int(i), int(j), int(k), int(l)))
+        placed.add(i)
+    # The third placed atom needs k: its parent's other placed neighbour.
+    i, j, k, l = rows[2]
+    if k < 0:
+        k = rows[0][0] if j != rows[0][0] else rows[1][0]
+        rows[2] = (i, j, k, -1)
+    return rows
+
+
+class InternalCoordinates(nn.Module):
+    """Cartesian <-> (r, theta, phi) per atom for a fixed Z-matrix; the pose is taken from a reference state.
+
+    ``q`` is (B, n, 3) in topology order: column 0 bond length (nm), 1 angle (rad), 2 torsion (rad); ``mask``
+    (n, 3) is 1 where the coordinate exists (3n - 6 ones) and the rest of ``q`` is 0.
+    """
+
+    def __init__(self, zmatrix):
+        super().__init__()
+        rows = torch.as_tensor(zmatrix, dtype=torch.long).view(-1, 4)
+        n = rows.shape[0]
+        if sorted(rows[:, 0].tolist()) != list(range(n)):
+            raise ValueError("the Z-matrix must place every atom exactly once.")
+        refs = torch.full((n, 3), -1, dtype=torch.long)
+        refs[rows[:, 0]] = rows[:, 1:]
+        mask = torch.zeros(n, 3)
+        mask[rows[1, 0], 0] = 1.0
+        mask[rows[2, 0], :2] = 1.0
+        for i in rows[3:, 0]:
+            mask[i] = 1.0
+        self.register_buffer("rows", rows)
+        self.register_buffer("refs", refs)
+        self.register_buffer("mask", mask)
+
+    def to_internal(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, n, 3) nm -> q (B, n, 3)."""
+        # Only coordinates that exist are computed: degenerate ones would give NaN values and NaN gradients.
+        rows = self.rows
+        r_rows, t_rows, p_rows = rows[1:], rows[2:], rows[3:]
+        r = (x[:, r_rows[:, 0]] - x[:, r_rows[:, 1]]).norm(dim=-1)
+        theta = bond_angle(x[:, t_rows[:, 0]], x[:, t_rows[:, 1]], x[:, t_rows[:, 2]])
+        phi = dihedral(x[:, p_rows[:, 0]], x[:, p_rows[:, 1]], x[:, p_rows[:, 2]], x[:, p_rows[:, 3]])
+        zeros = x.new_zeros(x.shape[0], x.shape[1])
+        return torch.stack([zeros.index_copy(1, r_rows[:, 0], r), zeros.index_copy(1, t_rows[:, 0], theta),
+                            zeros.index_copy(1, p_rows[:, 0], phi)], dim=-1)
+
+    def log_jacobian(self, q: torch.Tensor) -> torch.Tensor:
+        """log J(q) = sum 2 log r + sum log sin(theta) over the coordinates that exist, (B,)."""
+        m = self.mask
+        safe_r = torch.where(m[:, 0] > 0, q[..., 0], torch.ones_like(q[..., 0]))
+        safe_t = torch.where(m[:, 1] > 0, q[..., 1], torch.full_like(q[..., 1], math.pi / 2))
+        return 2 * torch.log(safe_r).sum(-1) + torch.log(torch.sin(safe_t)).sum(-1)
+
+    def frame(self, x_ref: torch.Tensor):
+        """Origin (B, 3) and rotation (B, 3, 3) (columns e1, e2, e3) of the pose of ``x_ref``."""
+        a0, a1, a2 = self.rows[0, 0], self.rows[1, 0], self.rows[2, 0]
+        origin = x_ref[:, a0]
+        e1 = _unit(x_ref[:, a1] - origin)
+        w = x_ref[:, a2] - x_ref[:, self.rows[2, 1]]
+        e2 = _unit(w - (w * e1).sum(-1, keepdim=True) * e1)
+        e3 = torch.cross(e1, e2, dim=-1)
+        return origin, torch.stack([e1, e2, e3], dim=-1)
+
+    def to_cartesian(self, q: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
+        """q (B, n, 3) -> x (B, n, 3) nm with the pose of x_ref (B or 1, n, 3)."""
+        batch = q.shape[0]
+        x_ref = x_ref.expand(batch, -1, -1)
+        origin, rot = self.frame(x_ref)
+        e1, e2 = rot[..., 0], rot[..., 1]
+        placed = [None] * q.shape[1]
+        rows = self.rows.tolist()
+        i0, i1, i2 = rows[0][0], rows[1][0], rows[2][0]
+        placed[i0] = origin
+        placed[i1] = origin + q[:, i1, 0:1] * e1
+        _, j2, k2, _ = rows[2]
+        # e1 points root -> second atom; the third atom's angle is measured from its parent towards k.
+        axis = _unit(placed[k2] - placed[j2])
+        perp = _unit(e2 - (e2 * axis).sum(-1, keepdim=True) * axis)
+        placed[i2] = placed[j2] + q[:, i2, 0:1] * (torch.cos(q[:, i2, 1:2]) * axis + torch.sin(q[:, i2, 1:2]) * perp)
+        for i, j, k, l in rows[3:]:
+            c, b, a = placed[j], placed[k], placed[l]
+            bc = _unit(c - b)
+            n = _unit(torch.cross(b - a, bc, dim=-1))
+            m = torch.cross(n, bc, dim=-1)
+            r, theta, phi = q[:, i, 0:1], q[:, i, 1:2], q[:, i, 2:3]
+            placed[i] = c + r * (-torch.cos(theta) * bc + torch.sin(theta) * torch.cos(phi) * m
+                                 + torch.sin(theta) * torch.sin(phi) * n)
+        return torch.stack(placed, dim=1)

@@ -9,6 +9,11 @@ candidate is accepted with
 the reverse density coming from a full inverse pass of the flow conditioned on x'. Candidates that flip
 the chirality of a stereocentre are refused (the criterion is symmetric in x and x', so the move stays exact
 on the current stereoisomer). Systems with constraints are refused: the flow moves every atom freely.
+
+A flow in internal coordinates (``config.coordinates='internal'``) keeps the pose of x and moves on that
+fibre; its ``log_prob`` already holds the Jacobian term, so the same acceptance rule is exact there. Its draws
+outside the support (a torsion change of pi or more, a negative bond length) come back as NaN and are
+rejected without an energy evaluation; the reverse move of any accepted one is inside the support.
 """
 
 from __future__ import annotations
@@ -67,14 +72,22 @@ class TimewarpProposal(Proposal):
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         x_new, v_new, log_p_forward = self.model.sample(positions_nm, n_proposals, generator)
         v_current = rng.standard_normal(x_new.shape)
-        current = np.broadcast_to(positions_nm, x_new.shape)
-        log_p_reverse = self.model.log_prob(current, v_current, x_new)
-        kinetic_change = 0.5 * (np.square(v_new).sum(axis=(1, 2)) - np.square(v_current).sum(axis=(1, 2)))
-        log_correction = -kinetic_change + log_p_reverse - log_p_forward
-        valid = None
+        # A flow in internal coordinates returns NaN for draws outside its support (a torsion change of pi or
+        # more, a negative bond): those are rejected proposals, never evaluated.
+        inside = np.all(np.isfinite(x_new), axis=(1, 2)) & np.isfinite(log_p_forward)
+        x_new[~inside] = positions_nm
+        log_correction = np.zeros(len(x_new))
+        if inside.any():
+            current = np.broadcast_to(positions_nm, x_new[inside].shape)
+            log_p_reverse = self.model.log_prob(current, v_current[inside], x_new[inside])
+            kinetic_change = 0.5 * (np.square(v_new[inside]).sum(axis=(1, 2))
+                                    - np.square(v_current[inside]).sum(axis=(1, 2)))
+            log_correction[inside] = -kinetic_change + log_p_reverse - log_p_forward[inside]
+        valid = None if inside.all() else inside
         if len(self.stereocentres):
-            valid = np.all(chirality_signs(x_new, self.stereocentres) == chirality_signs(positions_nm, self.stereocentres),
-                           axis=-1)
+            same = np.all(chirality_signs(x_new, self.stereocentres) == chirality_signs(positions_nm, self.stereocentres),
+                          axis=-1)
+            valid = same if valid is None else valid & same
         return ProposalBatch(x_new, log_correction, valid)
 
     def get_config(self):
