@@ -46,9 +46,15 @@ def _cmd_train(args):
                                              max_epochs=args.epochs, max_minutes=args.max_minutes, seed=args.seed,
                                              progress=not args.quiet)
     else:
+        config = None
+        if args.coordinates == "internal":
+            from .models.timewarp import zmatrix_for
+
+            config = {"coordinates": "internal", "zmatrix": zmatrix_for(molsys.atom_labels, topology=molsys.topology)}
         _, summary = train_timewarp(molsys, args.trajectories, args.out, args.tau_ps, topology=args.topology,
                                     epochs=args.epochs, acceptance_steps=args.acceptance_steps,
-                                    max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet)
+                                    max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet,
+                                    config=config)
     for key, value in summary.items():
         print(f"{key}: {value}")
 
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=200, help="maximum epochs (default 200)")
     train.add_argument("--max-minutes", type=float, default=5.0, help="training wall-clock budget (default 5)")
     train.add_argument("--tau-ps", type=float, default=0.5, help="Timewarp lag time in ps (default 0.5)")
+    train.add_argument("--coordinates", choices=("cartesian", "internal"), default="cartesian",
+                       help="Timewarp: flow on Cartesian displacements (the reference design, default) or on the "
+                            "system's bond lengths, angles and torsions (internal; far higher acceptance)")
     train.add_argument("--acceptance-steps", type=int, default=0,
                        help="Timewarp: optimizer steps of the acceptance objective after likelihood (default 0)")
     train.add_argument("--seed", type=int, default=0)
