@@ -15,6 +15,13 @@ def _add_system_arguments(parser):
     parser.add_argument("--temperature", type=float, default=None, help="temperature in K (default: the system's)")
 
 
+def _add_trajectory_arguments(parser, what: str, out_help: str):
+    parser.add_argument("--trajectories", nargs="+", required=True, metavar="FILE",
+                        help=f"{what}DCD/XTC/HDF5 trajectories (e.g. from `confsample simulate`)")
+    parser.add_argument("--topology", default=None, help="topology PDB for DCD/XTC files (default: the system's)")
+    parser.add_argument("--out", required=True, help=out_help)
+
+
 def _cmd_systems(args):
     from .systems import get_system, list_systems
 
@@ -176,10 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and 500 K: the MH correction keeps the moves exact whatever the data).")
     train.add_argument("model_kind", choices=("diffusion", "timewarp"), help="which model")
     _add_system_arguments(train)
-    train.add_argument("--trajectories", nargs="+", required=True, metavar="FILE",
-                       help="DCD/XTC/HDF5 trajectories (e.g. from `confsample simulate`)")
-    train.add_argument("--topology", default=None, help="topology PDB for DCD/XTC files (default: the system's)")
-    train.add_argument("--out", required=True, help="checkpoint path to write (.pt)")
+    _add_trajectory_arguments(train, "", "checkpoint path to write (.pt)")
     train.add_argument("--epochs", type=int, default=200, help="maximum epochs (default 200)")
     train.add_argument("--max-minutes", type=float, default=5.0, help="training wall-clock budget (default 5)")
     train.add_argument("--tau-ps", type=float, default=0.5, help="Timewarp lag time in ps (default 0.5)")
@@ -239,10 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "else PythonForce). Writes the bias (.pt, LearnedTorsionBias.load) and a "
                                            "JSON summary; reweight biased frames by exp(+B/kT).")
     _add_system_arguments(bias)
-    bias.add_argument("--trajectories", nargs="+", required=True, metavar="FILE",
-                      help="unbiased DCD/XTC/HDF5 trajectories (e.g. from `confsample simulate`)")
-    bias.add_argument("--topology", default=None, help="topology PDB for DCD/XTC files (default: the system's)")
-    bias.add_argument("--out", required=True, help="bias file to write (.pt)")
+    _add_trajectory_arguments(bias, "unbiased ", "bias file to write (.pt)")
     bias.add_argument("--rounds", type=int, default=3, help="refinement rounds of biased MD (default 3)")
     bias.add_argument("--round-ps", type=float, default=200.0, help="biased MD per round in ps (default 200)")
     bias.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered gamma (default 6; inf: flat)")
