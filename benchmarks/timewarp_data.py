@@ -4,9 +4,16 @@
 
 Each trajectory starts from the minimised PDB structure with its own seed and 20 ps of equilibration; pairs
 are later formed within one trajectory only. Frames are float32 nm, shape (n_frames, 22, 3).
+
+With ``--bias learned_bias.pt`` (a ``LearnedTorsionBias``, e.g. from ``confsample bias`` or the benchmark's
+``learned_bias.pt``) the MD runs on the biased potential, so phi crosses its barrier often; the bias energy
+of every frame (kJ/mol) is saved as ``bias_SEED.npy``. A Timewarp flow trained on such pairs is still
+an exact proposal: the MH test is against the unbiased potential.
 """
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import time
@@ -15,11 +22,17 @@ import numpy as np
 import openmm
 from openmm import unit
 
+from openmm_confsample.bias import LearnedTorsionBias, add_learned_bias
 from openmm_confsample.systems import get_system
 
 
-def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, friction_per_ps=1.0):
+def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, friction_per_ps=1.0, bias=None):
     ala = get_system("alanine-dipeptide-implicit")
+    added = None
+    if bias is not None:
+        system = copy.deepcopy(ala.system)
+        added = add_learned_bias(system, LearnedTorsionBias.load(bias), kT=ala.kT, backend="pythonforce", verbose=False)
+        ala = dataclasses.replace(ala, system=system)
     os.makedirs(out, exist_ok=True)
     steps_per_frame = int(round(save_interval_ps * 1000 / timestep_fs))
     n_frames = int(round(length_ps / save_interval_ps))
@@ -33,15 +46,21 @@ def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, fricti
         context.setVelocitiesToTemperature(ala.temperature_K * unit.kelvin, seed)
         integrator.step(20000)
         frames = np.empty((n_frames, len(ala.atom_labels), 3), np.float32)
+        bias_kJ = np.zeros(n_frames)
         t0 = time.time()
         for f in range(n_frames):
             integrator.step(steps_per_frame)
             frames[f] = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            if added is not None:
+                bias_kJ[f] = context.getState(getEnergy=True, groups={added.force_group}).getPotentialEnergy().value_in_unit(
+                    unit.kilojoule_per_mole)
+        if added is not None:
+            np.save(os.path.join(out, f"bias_{seed}.npy"), bias_kJ)
         np.save(os.path.join(out, f"traj_{seed}.npy"), frames)
         with open(os.path.join(out, f"traj_{seed}.json"), "w") as fh:
             json.dump({"seed": seed, "save_interval_ps": save_interval_ps, "length_ps": length_ps,
                        "timestep_fs": timestep_fs, "friction_per_ps": friction_per_ps,
-                       "temperature_K": ala.temperature_K, "seconds": time.time() - t0}, fh)
+                       "temperature_K": ala.temperature_K, "seconds": time.time() - t0, "bias": bias}, fh)
         print(f"trajectory {seed}: {n_frames} frames in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -52,5 +71,6 @@ if __name__ == "__main__":
     parser.add_argument("--length-ps", type=float, default=1000.0)
     parser.add_argument("--save-interval-ps", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--bias", default=None, help="LearnedTorsionBias checkpoint to add to the potential")
     args = parser.parse_args()
-    run(args.out, args.n_traj, args.length_ps, args.save_interval_ps, args.seed)
+    run(args.out, args.n_traj, args.length_ps, args.save_interval_ps, args.seed, bias=args.bias)

@@ -9,7 +9,8 @@ phase. Held-out acceptance uses starting states from ``--val-data`` (an MD run w
 trained on): for each of ``--n-states`` states, ``--n-proposals`` proposals are drawn exactly as
 ``TimewarpProposal`` draws them, and the expected MH acceptance ``mean(min(1, exp(log alpha)))`` is reported
 (chirality flips and out-of-support draws count as 0), next to the RMS displacement of proposals and of
-accepted moves (weighted by acceptance probability), the change of phi, and ms per proposal.
+accepted moves (weighted by acceptance probability), the change of phi, the fraction of proposals that cross
+phi = 0 and their expected acceptance per proposal (what makes entries into phi > 0), and ms per proposal.
 """
 
 import argparse
@@ -49,6 +50,7 @@ def evaluate(model, ala, states, n_proposals, seed=0):
     rng = np.random.default_rng(seed)
     kT = ala.kT
     acc, rms, rms_acc_w, dphi_w, log_alpha_all, n_valid, t_prop = [], [], [], [], [], 0, 0.0
+    crossing, crossing_w = [], []
     for x in states:
         x = np.asarray(x, np.float64)
         u0 = evaluator.energies(x) / kT
@@ -66,7 +68,11 @@ def evaluate(model, ala, states, n_proposals, seed=0):
         acc.append(a)
         rms.append(d[valid])
         rms_acc_w.append((a, d))
-        dphi = np.abs(np.angle(np.exp(1j * (phi_psi(batch.positions)[:, 0] - phi_psi(x[None])[0, 0]))))
+        phi_new, phi_old = phi_psi(batch.positions)[:, 0], phi_psi(x[None])[0, 0]
+        crosses = valid & ((phi_new > 0) != (phi_old > 0))
+        crossing.append(crosses)
+        crossing_w.append(a * crosses)
+        dphi = np.abs(np.angle(np.exp(1j * (phi_new - phi_old))))
         dphi_w.append((a, dphi))
         log_alpha_all.append(log_alpha[valid])
         n_valid += valid.sum()
@@ -84,6 +90,8 @@ def evaluate(model, ala, states, n_proposals, seed=0):
         "accepted_rms_displacement_nm": float(np.sqrt(np.sum(w * d ** 2) / max(w.sum(), 1e-300))),
         "expected_sq_jump_nm2_per_proposal": float(np.mean(w * d ** 2)),
         "accepted_mean_abs_dphi_rad": float(np.sum(w * dp) / max(w.sum(), 1e-300)),
+        "fraction_proposals_crossing_phi0": float(np.concatenate(crossing).mean()),
+        "crossing_acceptance_per_proposal": float(np.concatenate(crossing_w).mean()),
         "ms_per_proposal": 1000 * t_prop / len(acc),
         "n_proposals_total": int(len(acc)),
     }

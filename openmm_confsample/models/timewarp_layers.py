@@ -306,6 +306,14 @@ class InternalCoordinates(nn.Module):
         self.register_buffer("rows", rows)
         self.register_buffer("refs", refs)
         self.register_buffer("mask", mask)
+        # Atoms from the fourth row on are placed level by level: an atom's level is one more than the highest
+        # of its three references, so every atom of a level can be placed in one batched step.
+        level = {int(rows[0, 0]): 0, int(rows[1, 0]): 1, int(rows[2, 0]): 2}
+        for i, j, k, m in rows[3:].tolist():
+            level[i] = 1 + max(level[j], level[k], level[m])
+        self._levels = []
+        for lv in sorted({level[i] for i in rows[3:, 0].tolist()}):
+            self._levels.append(rows[3:][torch.tensor([level[i] == lv for i in rows[3:, 0].tolist()])])
 
     def to_internal(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, n, 3) nm -> q (B, n, 3)."""
@@ -352,12 +360,17 @@ class InternalCoordinates(nn.Module):
         axis = _unit(placed[k2] - placed[j2])
         perp = _unit(e2 - (e2 * axis).sum(-1, keepdim=True) * axis)
         placed[i2] = placed[j2] + q[:, i2, 0:1] * (torch.cos(q[:, i2, 1:2]) * axis + torch.sin(q[:, i2, 1:2]) * perp)
-        for i, j, k, l in rows[3:]:
-            c, b, a = placed[j], placed[k], placed[l]
+        x = q.new_zeros(q.shape).index_copy(1, self.rows[:3, 0], torch.stack([placed[i0], placed[i1], placed[i2]], 1))
+        for level in self._levels:
+            level = level.to(q.device)
+            i, j, k, l = level.unbind(-1)
+            c, b, a = x[:, j], x[:, k], x[:, l]
             bc = _unit(c - b)
             n = _unit(torch.cross(b - a, bc, dim=-1))
             m = torch.cross(n, bc, dim=-1)
-            r, theta, phi = q[:, i, 0:1], q[:, i, 1:2], q[:, i, 2:3]
-            placed[i] = c + r * (-torch.cos(theta) * bc + torch.sin(theta) * torch.cos(phi) * m
-                                 + torch.sin(theta) * torch.sin(phi) * n)
-        return torch.stack(placed, dim=1)
+            qi = q[:, i]
+            r, theta, phi = qi[..., 0:1], qi[..., 1:2], qi[..., 2:3]
+            sin_theta = torch.sin(theta)
+            x = x.index_copy(1, i, c + r * (-torch.cos(theta) * bc + sin_theta * torch.cos(phi) * m
+                                            + sin_theta * torch.sin(phi) * n))
+        return x
