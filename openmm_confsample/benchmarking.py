@@ -373,7 +373,9 @@ def run_plain_md(molsys: MolecularSystem, wall_seconds: float, timestep_fs: floa
     quads = phi_psi_torsions(molsys)
     bias_group, extra = None, {}
     if bias is not None:
-        molsys, added = _with_bias(molsys, bias, bias_backend)
+        from .bias import with_learned_bias
+
+        molsys, added = with_learned_bias(molsys, bias, bias_backend)
         bias_group = {added.force_group}
         extra = {"bias_backend": added.backend, "bias_factor": added.module.bias_factor}
     integrator = _langevin(temperature_K, friction_per_ps, timestep_fs)
@@ -402,20 +404,6 @@ def run_plain_md(molsys: MolecularSystem, wall_seconds: float, timestep_fs: floa
         "kind": "md" if bias is None else "biased md", "timestep_fs": timestep_fs, "friction_per_ps": friction_per_ps,
         "sample_every_steps": sample_every_steps, "seed": seed, "platform": platform, "temperature_K": temperature_K,
         "md_steps": n_steps, "simulated_ps": n_steps * timestep_fs * 1e-3, **extra})
-
-
-def _with_bias(molsys: MolecularSystem, bias, backend: str):
-    """A copy of ``molsys`` whose System carries ``bias`` (a LearnedTorsionBias or a path to one)."""
-    import copy
-    import dataclasses
-
-    from .bias import LearnedTorsionBias, add_learned_bias
-
-    if isinstance(bias, (str, os.PathLike)):
-        bias = LearnedTorsionBias.load(bias)
-    system = copy.deepcopy(molsys.system)
-    added = add_learned_bias(system, bias, kT=molsys.kT, backend=backend, verbose=False)
-    return dataclasses.replace(molsys, system=system), added
 
 
 def run_md_with_moves(molsys: MolecularSystem, proposal, wall_seconds: float, md_steps_per_segment: int = 50,

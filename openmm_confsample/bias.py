@@ -77,6 +77,7 @@ __all__ = [
     "fit_fourier_series",
     "add_torch_force",
     "add_learned_bias",
+    "with_learned_bias",
     "openmmtorch_status",
     "bias_energies",
     "reweighting_weights",
@@ -856,6 +857,28 @@ def add_learned_bias(system: openmm.System, bias_module_or_model, torsions=None,
 
 # --------------------------------------------------------------------------------------
 # energies on frames, weights
+
+
+def with_learned_bias(molsys, bias, backend: str = "auto", force_group: int = DEFAULT_BIAS_GROUP):
+    """A copy of the MolecularSystem ``molsys`` whose System carries ``bias``, and the :class:`AddedForce`.
+
+    ``bias`` is a :class:`LearnedTorsionBias` or the path of one saved with :meth:`LearnedTorsionBias.save`;
+    ``molsys`` itself is not changed.
+    """
+    import copy
+    import dataclasses
+
+    if isinstance(bias, (str, os.PathLike)):
+        bias = LearnedTorsionBias.load(bias)
+    if not isinstance(bias, LearnedTorsionBias):
+        raise ConfSampleError(f"bias must be a LearnedTorsionBias or the path of a saved one, got {type(bias).__name__}.")
+    n_atoms = molsys.system.getNumParticles()
+    if int(bias.torsions.max()) >= n_atoms:
+        raise ConfSampleError(f"the bias's torsions name atom {int(bias.torsions.max())} but system "
+                              f"'{molsys.name}' has {n_atoms} atoms.")
+    system = copy.deepcopy(molsys.system)
+    added = add_learned_bias(system, bias, kT=molsys.kT, backend=backend, force_group=force_group, verbose=False)
+    return dataclasses.replace(molsys, system=system), added
 
 
 def bias_energies(bias: LearnedTorsionBias, frames) -> np.ndarray:

@@ -38,8 +38,10 @@ def _cmd_simulate(args):
     molsys = resolve_system(args.system, args.forcefield, args.temperature)
     result = run_md(molsys, args.out, args.length_ps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                     save_interval_ps=args.save_interval_ps, seed=args.seed, platform=args.platform,
-                    trajectory_format=args.format, progress=not args.quiet)
-    print(f"wrote {result.trajectory_path} ({result.n_frames} frames), {result.topology_path}, {result.metadata_path}")
+                    trajectory_format=args.format, progress=not args.quiet, bias=args.bias,
+                    bias_backend=args.bias_backend)
+    print(f"wrote {result.trajectory_path} ({result.n_frames} frames), {result.topology_path}, {result.metadata_path}"
+          + (f", {args.out}.bias.npy (bias energies, kJ/mol)" if args.bias else ""))
     print(f"throughput: {result.ns_per_day:.1f} ns/day ({result.wall_seconds:.1f} s wall)")
 
 
@@ -175,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="OpenMM platform (default Reference, fastest for ~22 atoms; CPU for large systems)")
     simulate.add_argument("--format", choices=("dcd", "xtc"), default="dcd", help="trajectory format (default dcd)")
     simulate.add_argument("--out", default="runs/md", help="output path prefix (default runs/md)")
+    simulate.add_argument("--bias", default=None, metavar="BIAS.pt",
+                          help="run on the potential plus this learned torsion bias (from `confsample bias`); "
+                               "writes each frame's bias energy to OUT.bias.npy")
+    simulate.add_argument("--bias-backend", choices=("auto", "torchforce", "pythonforce"), default="auto",
+                          help="how the bias enters OpenMM (default auto)")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(func=_cmd_simulate)
 

@@ -109,15 +109,19 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     """Train a Timewarp flow on (x(t), x(t + tau)) pairs of ``trajectories`` (likelihood, then optionally acceptance).
 
     ``save_interval_ps`` defaults to the value in each trajectory's metadata JSON (written by ``run_md``).
+    Trajectories of biased MD (``run_md(bias=...)``, ``confsample simulate --bias``) are fine training data:
+    their pairs cross barriers that plain MD keeps, and the move's MH test is against the unbiased potential;
+    the checkpoint's metadata lists the biases under ``data_bias``.
     Returns (TimewarpModel, summary dict).
     """
     from .models.timewarp import TimewarpTrainer
     from .systems import EnergyEvaluator
 
     loaded = _load_all(molsys, trajectories, topology)
-    intervals = []
+    intervals, biases = [], []
     for path in trajectories:
         meta = read_metadata(path) or {}
+        biases.append((meta.get("bias") or {}).get("path") if meta.get("bias") else None)
         interval = save_interval_ps or meta.get("save_interval_ps")
         if interval is None:
             raise ConfSampleError(f"trajectory '{path}' has no metadata JSON; pass save_interval_ps.")
@@ -133,6 +137,10 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     metadata = {"topology_fingerprint": molsys.fingerprint(), "tau_ps": float(tau_ps),
                 "temperature_K": molsys.temperature_K, "data_source": [os.path.abspath(p) for p in trajectories],
                 "system": molsys.name}
+    if any(b is not None for b in biases):
+        # Pairs from biased MD (``simulate --bias``): the flow learns the biased dynamics; the move's MH test
+        # is against the unbiased potential, so it stays exact. Recorded so nobody reads tau as physical time.
+        metadata["data_bias"] = biases
     trainer.fit_likelihood(train.x0, train.x1, molsys.atom_labels, val=(val.x0, val.x1), epochs=epochs,
                            max_minutes=max_minutes, metadata=metadata)
     if acceptance_steps:

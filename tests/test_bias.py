@@ -310,6 +310,30 @@ def test_run_biased_md_records_consistent_bias_energies(ala_implicit, ala_bias):
     np.testing.assert_allclose(result.angle("phi"), result.angles[:, 0])
 
 
+def test_run_md_with_a_saved_bias_writes_its_energies(tmp_path, ala_implicit, ala_bias):
+    from openmm_confsample.data.md import load_trajectory, read_metadata, run_md
+
+    path = ala_bias.save(tmp_path / "bias.pt")
+    result = run_md(ala_implicit, str(tmp_path / "biased"), 1.0, save_interval_ps=0.1, bias=path,
+                    bias_backend="pythonforce", seed=4, progress=False)
+    frames = load_trajectory(result.trajectory_path, result.topology_path)
+    bias_kJ = np.load(tmp_path / "biased.bias.npy")
+    assert bias_kJ.shape == (frames.n_frames,) == (10,)
+    # each frame's recorded bias energy is the bias of that frame's torsions (DCD keeps float32 coordinates)
+    np.testing.assert_allclose(bias_kJ, bias_energies(ala_bias, frames.xyz.astype(np.float64)), atol=1e-3)
+    assert np.ptp(bias_kJ) > 0.0
+    meta = read_metadata(result.trajectory_path)["bias"]
+    assert meta["path"] == str(path) and meta["backend"] == "pythonforce" and meta["energies"] == "biased.bias.npy"
+    assert not any(f.getForceGroup() == meta["force_group"] for f in ala_implicit.system.getForces())
+    # an unbiased run under the same prefix does not leave the old energies next to its trajectory
+    run_md(ala_implicit, str(tmp_path / "biased"), 0.2, save_interval_ps=0.1, seed=4, progress=False)
+    assert not (tmp_path / "biased.bias.npy").exists()
+    assert read_metadata(result.trajectory_path)["bias"] is None
+    with pytest.raises(ConfSampleError, match="does not exist"):
+        run_md(ala_implicit, str(tmp_path / "other"), 0.2, save_interval_ps=0.1, bias=tmp_path / "missing.pt",
+               progress=False)
+
+
 def test_bias_energies_of_positions_and_angles_agree(ala_implicit, ala_bias, rng):
     frames = ala_implicit.positions_nm[None] + rng.normal(scale=0.02, size=(4, ala_implicit.n_atoms, 3))
     angles = dihedral_angles(frames, ala_bias.torsions.numpy())

@@ -88,3 +88,21 @@ def test_bias_command_writes_a_loadable_bias_and_its_rounds(tmp_path, capsys, sh
     assert summary["unbiased_frames"] == 80 and summary["rounds"][0]["training_frames"] == 80  # 40 ps, 0.5 ps frames
     assert summary["rounds"][0]["frames"] == 40  # 2 ps of biased MD, 0.05 ps frames
     assert bias.metadata["refinement"][-1]["round"] == 1
+    # the bias drives `simulate --bias`, which writes each frame's bias energy beside the trajectory
+    prefix = tmp_path / "biased"
+    assert main(["simulate", "alanine-dipeptide-implicit", "--length-ps", "4", "--save-interval-ps", "0.1",
+                 "--bias", str(out), "--bias-backend", "pythonforce", "--out", str(prefix), "--quiet"]) == 0
+    assert "bias energies" in capsys.readouterr().out
+    assert np.load(f"{prefix}.bias.npy").shape == (40,)
+    assert json.load(open(f"{prefix}.json"))["bias"]["path"] == str(out)
+    # ... and its trajectory trains a Timewarp flow in internal coordinates that remembers the bias
+    from openmm_confsample.models.timewarp import TimewarpModel
+
+    model_path = tmp_path / "timewarp.pt"
+    assert main(["train", "timewarp", "alanine-dipeptide-implicit", "--trajectories", f"{prefix}.dcd",
+                 "--coordinates", "internal", "--tau-ps", "0.5", "--epochs", "1", "--out", str(model_path),
+                 "--quiet"]) == 0
+    assert "n_pairs_train" in capsys.readouterr().out
+    model = TimewarpModel.load(model_path)
+    assert model.config.internal and model.tau_ps == 0.5
+    assert model.metadata["data_bias"] == [str(out)]

@@ -5,6 +5,7 @@
     PREFIX.dcd (or .xtc)   the trajectory, one frame per save interval
     PREFIX.pdb             the topology (first frame)
     PREFIX.json            metadata: system, force field, temperature, timestep, save interval, seed, version
+    PREFIX.bias.npy        with ``bias=``: the bias energy (kJ/mol) of every frame, for reweighting
 
 Every file is written under a temporary name and renamed when complete, so an interrupted run never
 leaves a file that looks finished.
@@ -67,7 +68,8 @@ def write_json(path: str, payload: dict) -> None:
 def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float, *, timestep_fs: float = 1.0,
            friction_per_ps: float = 1.0, save_interval_ps: float = 1.0, temperature=None, seed: int = 0,
            platform: str | None = "Reference", trajectory_format: str = "dcd", minimize: bool = True,
-           positions_nm: np.ndarray | None = None, progress: bool = True) -> MDResult:
+           positions_nm: np.ndarray | None = None, progress: bool = True, bias=None,
+           bias_backend: str = "auto") -> MDResult:
     """Run Langevin MD (LangevinMiddleIntegrator) and write trajectory, topology and metadata.
 
     Parameters
@@ -90,6 +92,12 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
     trajectory_format : 'dcd' or 'xtc'
     positions_nm : (n_atoms, 3) float, nm, optional
         Start here instead of the system's positions.
+    bias : LearnedTorsionBias or path, optional
+        Run on the biased potential (:mod:`openmm_confsample.bias`, e.g. from ``confsample bias``): frames
+        cross barriers the plain potential keeps, e.g. as Timewarp training data (its MH test is against
+        the unbiased potential, so the move stays exact). Each frame's bias energy B (kJ/mol) is written to
+        ``PREFIX.bias.npy``; weights exp(B/kT) make frame averages unbiased.
+    bias_backend : {'auto', 'torchforce', 'pythonforce'}
 
     Returns
     -------
@@ -119,6 +127,19 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
     trajectory_path = f"{out_prefix}.{trajectory_format}"
     topology_path = f"{out_prefix}.pdb"
     metadata_path = f"{out_prefix}.json"
+    bias_path = f"{out_prefix}.bias.npy"
+    bias_info, bias_groups = None, None
+    if bias is not None:
+        from ..bias import with_learned_bias
+
+        bias_source = os.fspath(bias) if isinstance(bias, (str, os.PathLike)) else None
+        molecular_system, added = with_learned_bias(molecular_system, bias, bias_backend)
+        bias_groups = {added.force_group}
+        bias_info = {"path": bias_source, "backend": added.backend, "force_group": added.force_group,
+                     "bias_factor": added.module.bias_factor, "energies": os.path.basename(bias_path),
+                     "energy_unit": "kJ/mol"}
+    elif os.path.exists(bias_path):
+        os.remove(bias_path)  # a previous biased run's energies would not belong to this trajectory
 
     integrator = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
                                                  timestep_fs * unit.femtosecond)
@@ -138,7 +159,8 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
 
     tmp_trajectory = trajectory_path + ".partial"
     writer = _open_writer(tmp_trajectory, trajectory_format)
-    bar = _progress_bar(n_frames, progress, "MD")
+    bar = _progress_bar(n_frames, progress, "MD" if bias is None else "biased MD")
+    bias_kJ = np.zeros(n_frames if bias is not None else 0)
     start = time.perf_counter()
     ns_per_day = 0.0
     try:
@@ -150,6 +172,9 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
                     f"MD blew up (NaN coordinates) at frame {frame}; try a smaller timestep_fs than {timestep_fs}."
                 )
             _write_frame(writer, trajectory_format, positions)
+            if bias_groups is not None:
+                bias_kJ[frame] = context.getState(getEnergy=True, groups=bias_groups).getPotentialEnergy().value_in_unit(
+                    unit.kilojoule_per_mole)
             elapsed = time.perf_counter() - start
             ns_per_day = (frame + 1) * save_interval_ps * 1e-3 / max(elapsed, 1e-9) * 86400.0
             if bar is not None:
@@ -160,6 +185,11 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - start
+    if bias_groups is not None:
+        tmp_bias = bias_path + ".partial"
+        with open(tmp_bias, "wb") as handle:
+            np.save(handle, bias_kJ)
+        _replace(tmp_bias, bias_path)
     _replace(tmp_trajectory, trajectory_path)
 
     metadata = {
@@ -182,6 +212,7 @@ def run_md(molecular_system: MolecularSystem, out_prefix: str, length_ps: float,
         "topology": os.path.basename(topology_path),
         "openmm_version": openmm.__version__,
         "package_version": __version__,
+        "bias": bias_info,
     }
     write_json(metadata_path, metadata)
     return MDResult(trajectory_path, topology_path, metadata_path, n_frames, wall, ns_per_day)
