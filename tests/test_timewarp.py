@@ -379,3 +379,23 @@ def test_internal_baseline_fit_and_save_load(ala, md_pairs, tmp_path):
     inside = np.all(np.isfinite(x_new), axis=(1, 2))
     np.testing.assert_allclose(loaded.log_prob(x_new[inside], v_new[inside], ala.positions_nm), log_prob[inside],
                                atol=2e-3)
+
+
+def test_baseline_only_internal_flow_equals_untrained_couplings(ala, md_pairs):
+    """n_coupling_layers=0 (internal only) is the fitted baseline: the same density as zero-initialised couplings."""
+    x0, x1 = md_pairs
+    densities = []
+    for layers in (0, 1):
+        trainer = TimewarpTrainer(dict(INTERNAL, n_coupling_layers=layers), seed=0, progress=False)
+        trainer.fit_likelihood(x0[:128], x1[:128], ala.atom_labels, epochs=0)
+        model = trainer.fetch_model()
+        assert len(model.blocks) == layers
+        x_new, v_new, log_prob = model.sample(ala.positions_nm, 8, generator=4)
+        inside = np.all(np.isfinite(x_new), axis=(1, 2))
+        assert inside.sum() >= 4
+        np.testing.assert_allclose(model.log_prob(x_new[inside], v_new[inside], ala.positions_nm), log_prob[inside],
+                                   atol=2e-3)
+        densities.append(model.log_prob(x1[:16], np.zeros_like(x1[:16]), x0[:16]))
+    np.testing.assert_allclose(densities[0], densities[1], atol=1e-3)
+    with pytest.raises(ConfSampleError, match="n_coupling_layers must be an integer >= 1"):
+        TimewarpModel(ala.atom_labels, dict(SMALL, n_coupling_layers=0))

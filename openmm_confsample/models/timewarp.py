@@ -89,7 +89,9 @@ class TimewarpConfig:
     Parameters
     ----------
     n_coupling_layers : int
-        Coupling blocks; each updates the positions and then the velocities (two transformers).
+        Coupling blocks; each updates the positions and then the velocities (two transformers). 0 is allowed
+        with ``coordinates='internal'``: the fitted linear-Gaussian baseline alone (an ablation, and a cheap
+        proposal: no transformer runs).
     hidden_dim : int
         Width of the per-atom features in the transformers.
     embedding_dim : int
@@ -128,7 +130,9 @@ class TimewarpConfig:
     def __post_init__(self):
         for name in ("n_coupling_layers", "hidden_dim", "embedding_dim", "n_attention_layers", "head_dim"):
             value = getattr(self, name)
-            minimum = 0 if name == "n_attention_layers" else 1
+            # No coupling layers is allowed in internal coordinates: the fitted linear-Gaussian baseline alone.
+            minimum = 0 if name == "n_attention_layers" or (name == "n_coupling_layers"
+                                                          and self.coordinates == "internal") else 1
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ConfSampleError(f"config.{name} must be an integer >= {minimum}, got {value!r}.")
             setattr(self, name, int(value))
