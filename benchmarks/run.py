@@ -6,7 +6,8 @@
 Methods (same wall budget each): plain MD; MD + TorsionDiffusionMove; MD + von Mises basin mixture (the
 non-learned baseline); parallel tempering (openmmtools, 4 replicas 300-550 K); MD with a learned torsion
 bias (built in the run from unbiased MD by ``benchmarking.train_learned_bias``, reweighted); optionally
-PT + TorsionDiffusionMove (``--pt-learned``) and MD + TimewarpMove (``--timewarp-model PATH``).
+PT + TorsionDiffusionMove (``--pt-learned``); MD + TimewarpMove with the shipped Timewarp flow
+(``--timewarp-model PATH`` for another, ``--no-timewarp`` to leave it out).
 Every run is compared with an exact reference (MD + basin torsion moves, cached under benchmarks/cache/).
 The learned model's data generation and training time are reported separately and amortized
 (``ESS/s incl. training``).
@@ -65,6 +66,17 @@ def _model_training_seconds(path: str) -> tuple[float, float] | None:
     return None
 
 
+def _timewarp_training(path: str) -> dict | None:
+    """The data and training seconds recorded in a Timewarp checkpoint's metadata, or None."""
+    from openmm_confsample.models.timewarp import TimewarpModel
+
+    training = TimewarpModel.load(path).metadata.get("training") or {}
+    if "data_wall_seconds" in training and "train_wall_seconds" in training:
+        return {"data_wall_seconds": float(training["data_wall_seconds"]),
+                "train_wall_seconds": float(training["train_wall_seconds"])}
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
@@ -73,7 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-seconds", type=float, default=None, help="wall seconds of the reference")
     parser.add_argument("--torsion-model", default=None,
                         help="torsion diffusion checkpoint (default: full mode trains one, quick mode uses the shipped one)")
-    parser.add_argument("--timewarp-model", default=None, help="Timewarp checkpoint: adds MD+TimewarpMove")
+    parser.add_argument("--timewarp-model", default=None,
+                        help="Timewarp checkpoint for MD+TimewarpMove (default: the one the package ships)")
+    parser.add_argument("--no-timewarp", action="store_true", help="leave out MD+TimewarpMove")
     parser.add_argument("--pt-learned", action="store_true", help="add PT with the TorsionDiffusionMove in each replica")
     parser.add_argument("--learned-bias", default=None,
                         help="saved LearnedTorsionBias for MD+learned bias (default: built in the run from unbiased MD)")
@@ -88,7 +102,8 @@ def main(argv=None) -> int:
 
     from openmm_confsample import __version__
     from openmm_confsample import benchmarking as B
-    from openmm_confsample.demo import DEMO_MOVE_SETTINGS, SHIPPED_MODEL, SHIPPED_MODEL_SETTINGS
+    from openmm_confsample.demo import (DEMO_MOVE_SETTINGS, SHIPPED_MODEL, SHIPPED_MODEL_SETTINGS,
+                                        SHIPPED_TIMEWARP_MODEL)
     from openmm_confsample.errors import ConfSampleError
     from openmm_confsample.systems import get_system
 
@@ -150,8 +165,16 @@ def main(argv=None) -> int:
             failures.append(f"learned bias build: {type(exc).__name__}: {exc}")
             bias_path = None
 
+    # -- the Timewarp flow (trained elsewhere: benchmarks/README.md) ----------------------------------
+    timewarp_path = None
+    if not args.no_timewarp and wants("MD+TimewarpMove"):
+        timewarp_path = args.timewarp_model or SHIPPED_TIMEWARP_MODEL
+    timewarp_training = _timewarp_training(timewarp_path) if timewarp_path else None
+    if timewarp_path:
+        print(f"timewarp model: {timewarp_path}", flush=True)
+
     # -- the methods -------------------------------------------------------------------------------
-    table = B.method_table(molsys, torsion_model=model_path, timewarp_model=args.timewarp_model,
+    table = B.method_table(molsys, torsion_model=model_path, timewarp_model=timewarp_path,
                            pt_learned=args.pt_learned, learned_bias=bias_path, **DEMO_MOVE_SETTINGS)
     if chosen is not None:
         unknown = [m for m in chosen if m not in table]
@@ -177,6 +200,8 @@ def main(argv=None) -> int:
         extra = {r.method: one_off for r in runs if "TorsionDiffusion" in r.method}
     if bias_build is not None:
         extra["MD+learned bias"] = bias_build["data_seconds"] + bias_build["train_seconds"]
+    if timewarp_training is not None:
+        extra["MD+TimewarpMove"] = timewarp_training["data_wall_seconds"] + timewarp_training["train_wall_seconds"]
     rows = []
     if runs:
         try:
@@ -222,6 +247,10 @@ def main(argv=None) -> int:
                      f"rounds ({bias_build['train_seconds']:.0f} s: training and biased MD), bias factor "
                      f"{bias_build['settings']['bias_factor']:g}, cap {bias_build['settings']['cap_kT']:g} kT; "
                      f"Kish ESS per round: {kish}; round 0's biased MD first reached phi > 0 {first}")
+    if timewarp_training is not None:
+        lines.append(f"- timewarp model: data {timewarp_training['data_wall_seconds']:.0f} s + training "
+                     f"{timewarp_training['train_wall_seconds']:.0f} s (recorded in the checkpoint), amortized in "
+                     f"`ESS/s incl. training`")
     lines += ["", table_md]
     learned = [r for r in rows if r.get("ess_per_s_incl_training") is not None]
     for r in learned:
@@ -238,7 +267,8 @@ def main(argv=None) -> int:
         lines += ["## Failures", ""] + [f"- {f}" for f in failures] + [""]
     _write(os.path.join(out, "results.md"), "\n".join(lines))
     payload = {"mode": args.mode, "seconds_per_method": seconds, "reference": reference.to_dict(),
-               "training": training, "learned_bias": bias_build, "rows": rows, "runs": [r.to_dict() for r in runs], "failures": failures,
+               "training": training, "learned_bias": bias_build, "timewarp_model": timewarp_path,
+               "timewarp_training": timewarp_training, "rows": rows, "runs": [r.to_dict() for r in runs], "failures": failures,
                "total_seconds": time.perf_counter() - started, "package_version": __version__,
                "created": datetime.datetime.now().isoformat(timespec="seconds")}
     _write(os.path.join(out, "results.json"), json.dumps(payload, indent=2, default=_json_default))

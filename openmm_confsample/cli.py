@@ -55,11 +55,11 @@ def _cmd_train(args):
                                              max_epochs=args.epochs, max_minutes=args.max_minutes, seed=args.seed,
                                              progress=not args.quiet)
     else:
-        config = None
+        config = {"n_coupling_layers": args.coupling_layers, "hidden_dim": args.hidden}
         if args.coordinates == "internal":
             from .models.timewarp import zmatrix_for
 
-            config = {"coordinates": "internal", "zmatrix": zmatrix_for(molsys.atom_labels, topology=molsys.topology)}
+            config.update(coordinates="internal", zmatrix=zmatrix_for(molsys.atom_labels, topology=molsys.topology))
         _, summary = train_timewarp(molsys, args.trajectories, args.out, args.tau_ps, topology=args.topology,
                                     epochs=args.epochs, acceptance_steps=args.acceptance_steps,
                                     max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet,
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinates", choices=("cartesian", "internal"), default="cartesian",
                        help="Timewarp: flow on Cartesian displacements (the reference design, default) or on the "
                             "system's bond lengths, angles and torsions (internal; far higher acceptance)")
+    train.add_argument("--coupling-layers", type=int, default=4,
+                       help="Timewarp: coupling blocks (default 4; 0 with --coordinates internal: the fitted "
+                            "linear-Gaussian baseline alone, no transformer)")
+    train.add_argument("--hidden", type=int, default=64, help="Timewarp: transformer width (default 64)")
     train.add_argument("--acceptance-steps", type=int, default=0,
                        help="Timewarp: optimizer steps of the acceptance objective after likelihood (default 0)")
     train.add_argument("--seed", type=int, default=0)

@@ -33,11 +33,17 @@ from .benchmarking import (SamplerRun, markdown_table, run_md_with_moves, run_pl
 from .errors import ConfSampleError
 from .systems import MolecularSystem, resolve_system
 
-__all__ = ["SHIPPED_MODEL", "SHIPPED_MODEL_SETTINGS", "run_demo", "make_shipped_model"]
+__all__ = ["SHIPPED_MODEL", "SHIPPED_MODEL_SETTINGS", "SHIPPED_TIMEWARP_MODEL", "run_demo", "make_shipped_model"]
 
 #: The torsion diffusion model for alanine-dipeptide-implicit that the package ships.
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources",
                              "alanine_dipeptide_diffusion.pt")
+
+#: The Timewarp flow for alanine-dipeptide-implicit that the package ships: internal coordinates, 4 coupling
+#: blocks, tau = 5 ps, trained 15 min on one CPU core on pairs from MD with a learned torsion bias (its
+#: metadata['training'] says how; benchmarks/README.md has the commands that remake it).
+SHIPPED_TIMEWARP_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources",
+                                      "alanine_dipeptide_timewarp.pt")
 
 #: The settings :func:`make_shipped_model` passes to :func:`~openmm_confsample.benchmarking.train_torsion_model`.
 SHIPPED_MODEL_SETTINGS = {

@@ -104,5 +104,12 @@ def test_bias_command_writes_a_loadable_bias_and_its_rounds(tmp_path, capsys, sh
                  "--quiet"]) == 0
     assert "n_pairs_train" in capsys.readouterr().out
     model = TimewarpModel.load(model_path)
-    assert model.config.internal and model.tau_ps == 0.5
+    assert model.config.internal and model.tau_ps == 0.5 and len(model.blocks) == 4
     assert model.metadata["data_bias"] == [str(out)]
+    assert main(["train", "timewarp", "alanine-dipeptide-implicit", "--trajectories", f"{prefix}.dcd",
+                 "--coordinates", "internal", "--coupling-layers", "0", "--tau-ps", "0.5", "--epochs", "0",
+                 "--out", str(model_path), "--quiet"]) == 0
+    assert len(TimewarpModel.load(model_path).blocks) == 0
+    assert main(["train", "timewarp", "alanine-dipeptide-implicit", "--trajectories", f"{prefix}.dcd",
+                 "--coupling-layers", "0", "--out", str(model_path), "--quiet"]) == 2
+    assert "n_coupling_layers must be an integer >= 1" in capsys.readouterr().err
