@@ -39,8 +39,8 @@ __all__ = ["SHIPPED_MODEL", "SHIPPED_MODEL_SETTINGS", "SHIPPED_TIMEWARP_MODEL", 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources",
                              "alanine_dipeptide_diffusion.pt")
 
-#: The Timewarp flow for alanine-dipeptide-implicit that the package ships: internal coordinates, 4 coupling
-#: blocks, tau = 5 ps, trained 15 min on one CPU core on pairs from MD with a learned torsion bias (its
+#: The Timewarp flow for alanine-dipeptide-implicit that the package ships: internal coordinates, 2 coupling
+#: blocks of width 32, tau = 5 ps, trained 15 min on one CPU core on pairs from MD with a learned torsion bias (its
 #: metadata['training'] says how; benchmarks/README.md has the commands that remake it).
 SHIPPED_TIMEWARP_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources",
                                       "alanine_dipeptide_timewarp.pt")
