@@ -1,6 +1,6 @@
 """A plain OpenMM script plus the shipped Timewarp flow as an exact MH move (one added line).
 
-Run:  python examples/timewarp_move.py        (about a minute on 2 CPU cores)
+Run:  python examples/timewarp_move.py        (about 20 s on 2 CPU cores)
 
 The flow (internal coordinates, tau = 5 ps) was trained on MD with a learned torsion bias, so it proposes
 phi flips that plain MD at 300 K makes a few times per nanosecond; the MH test against this System's
