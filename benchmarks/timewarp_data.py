@@ -12,8 +12,6 @@ an exact proposal: the MH test is against the unbiased potential.
 """
 
 import argparse
-import copy
-import dataclasses
 import json
 import os
 import time
@@ -22,7 +20,7 @@ import numpy as np
 import openmm
 from openmm import unit
 
-from openmm_confsample.bias import LearnedTorsionBias, add_learned_bias
+from openmm_confsample.bias import with_learned_bias
 from openmm_confsample.systems import get_system
 
 
@@ -30,9 +28,7 @@ def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, fricti
     ala = get_system("alanine-dipeptide-implicit")
     added = None
     if bias is not None:
-        system = copy.deepcopy(ala.system)
-        added = add_learned_bias(system, LearnedTorsionBias.load(bias), kT=ala.kT, backend="pythonforce", verbose=False)
-        ala = dataclasses.replace(ala, system=system)
+        ala, added = with_learned_bias(ala, bias, backend="pythonforce")
     os.makedirs(out, exist_ok=True)
     steps_per_frame = int(round(save_interval_ps * 1000 / timestep_fs))
     n_frames = int(round(length_ps / save_interval_ps))

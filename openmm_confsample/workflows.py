@@ -121,7 +121,8 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     intervals, biases = [], []
     for path in trajectories:
         meta = read_metadata(path) or {}
-        biases.append((meta.get("bias") or {}).get("path") if meta.get("bias") else None)
+        bias = meta.get("bias")  # run_md's record of a bias, None for plain MD
+        biases.append(None if bias is None else (bias.get("path") or "a LearnedTorsionBias passed in memory"))
         interval = save_interval_ps or meta.get("save_interval_ps")
         if interval is None:
             raise ConfSampleError(f"trajectory '{path}' has no metadata JSON; pass save_interval_ps.")

@@ -311,9 +311,13 @@ class InternalCoordinates(nn.Module):
         level = {int(rows[0, 0]): 0, int(rows[1, 0]): 1, int(rows[2, 0]): 2}
         for i, j, k, m in rows[3:].tolist():
             level[i] = 1 + max(level[j], level[k], level[m])
-        self._levels = []
+        # Non-persistent buffers: they follow .to(device) but stay out of the state dict (checkpoints unchanged).
+        self._level_names = []
         for lv in sorted({level[i] for i in rows[3:, 0].tolist()}):
-            self._levels.append(rows[3:][torch.tensor([level[i] == lv for i in rows[3:, 0].tolist()])])
+            name = f"_level_{lv}"
+            self.register_buffer(name, rows[3:][torch.tensor([level[i] == lv for i in rows[3:, 0].tolist()])],
+                                 persistent=False)
+            self._level_names.append(name)
 
     def to_internal(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, n, 3) nm -> q (B, n, 3)."""
@@ -361,9 +365,8 @@ class InternalCoordinates(nn.Module):
         perp = _unit(e2 - (e2 * axis).sum(-1, keepdim=True) * axis)
         placed[i2] = placed[j2] + q[:, i2, 0:1] * (torch.cos(q[:, i2, 1:2]) * axis + torch.sin(q[:, i2, 1:2]) * perp)
         x = q.new_zeros(q.shape).index_copy(1, self.rows[:3, 0], torch.stack([placed[i0], placed[i1], placed[i2]], 1))
-        for level in self._levels:
-            level = level.to(q.device)
-            i, j, k, l = level.unbind(-1)
+        for name in self._level_names:
+            i, j, k, l = getattr(self, name).unbind(-1)
             c, b, a = x[:, j], x[:, k], x[:, l]
             bc = _unit(c - b)
             n = _unit(torch.cross(b - a, bc, dim=-1))
