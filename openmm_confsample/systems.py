@@ -23,45 +23,8 @@ from openmm import unit
 
 from .errors import ConfSampleError
 
-#: Boltzmann constant times Avogadro's number, kJ/(mol K): the one place kT is computed from.
-MOLAR_GAS_CONSTANT_KJ = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
-
-
-def kT_kJ_per_mol(temperature_K: float) -> float:
-    """Thermal energy kT in kJ/mol at ``temperature_K`` kelvin."""
-    return MOLAR_GAS_CONSTANT_KJ * float(temperature_K)
-
-
-def to_nm(positions, name: str = "positions") -> np.ndarray:
-    """Convert positions (a Quantity with length units, or a plain array taken as nm) to a float array in nm.
-
-    Raises ConfSampleError when the array is not (n_atoms, 3) or holds NaN/inf, naming ``name``.
-    """
-    if unit.is_quantity(positions):
-        try:
-            positions = positions.value_in_unit(unit.nanometer)
-        except TypeError as exc:
-            raise ConfSampleError(f"{name} must have length units (e.g. nanometer), got {positions.unit}.") from exc
-    array = np.asarray(positions, dtype=float)
-    if array.ndim != 2 or array.shape[1] != 3:
-        raise ConfSampleError(f"{name} must have shape (n_atoms, 3), got {array.shape}.")
-    if not np.all(np.isfinite(array)):
-        bad = np.unique(np.nonzero(~np.isfinite(array))[0])[:5].tolist()
-        raise ConfSampleError(f"{name} contain NaN or infinite coordinates (atoms {bad}).")
-    return array
-
-
-def to_kelvin(temperature, name: str = "temperature") -> float:
-    """Convert a temperature (Quantity or plain number taken as K) to a positive float in K."""
-    if unit.is_quantity(temperature):
-        try:
-            temperature = temperature.value_in_unit(unit.kelvin)
-        except TypeError as exc:
-            raise ConfSampleError(f"{name} must have temperature units (kelvin), got {temperature.unit}.") from exc
-    value = float(temperature)
-    if not np.isfinite(value) or value <= 0:
-        raise ConfSampleError(f"{name} must be a positive temperature in kelvin, got {value}.")
-    return value
+# Units live in .units; re-exported here for code that imported them from systems.
+from .units import MOLAR_GAS_CONSTANT_KJ, kT_kJ_per_mol, to_kelvin, to_nm  # noqa: F401
 
 
 @dataclass

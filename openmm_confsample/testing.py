@@ -30,7 +30,7 @@ from scipy import integrate, stats
 
 from .analysis.statistics import integrated_autocorrelation_time
 from .moves.engine import MetropolisHastingsEngine, Proposal, ProposalBatch
-from .moves.reporter import run_engine_steps
+from .runner import langevin_context, run_engine_steps
 from .systems import MolecularSystem, kT_kJ_per_mol
 
 #: Torsion terms (force constant kJ/mol, periodicity, phase rad) of the four-atom chain: three unequal wells.
@@ -183,11 +183,9 @@ def run_chain(molsys: MolecularSystem, move, n_iterations: int, observable, md_s
 
     ``move`` is a MetropolisHastingsEngine (or anything with ``.engine``); ``None`` runs MD alone.
     """
-    integrator = openmm.LangevinMiddleIntegrator(molsys.temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_fs * unit.femtosecond)
-    integrator.setRandomNumberSeed(seed + 1)
-    context = molsys.create_context(platform, integrator)
-    context.setVelocitiesToTemperature(molsys.temperature_K * unit.kelvin, seed + 2)
+    context = langevin_context(molsys, friction_per_ps=friction_per_ps, timestep_fs=timestep_fs, seed=seed,
+                               platform=platform, minimize=False)
+    integrator = context.getIntegrator()
     engine = None if move is None else (move if isinstance(move, MetropolisHastingsEngine) else move.engine)
     kT = molsys.kT
     values = []

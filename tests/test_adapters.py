@@ -184,10 +184,10 @@ def test_accepted_moves_do_not_heat_a_leapfrog_integrator(ala_implicit):
 
 def test_heating_check_fails_without_the_velocity_correction(ala_implicit, monkeypatch):
     """Negative control: with the correction switched off the same run is measurably too hot."""
-    from openmm_confsample.moves import reporter
+    from openmm_confsample import runner
     from openmm_confsample.moves.proposals import alanine_basin_proposal
 
-    monkeypatch.setattr(reporter, "HALF_STEP_INTEGRATORS", ())
+    monkeypatch.setattr(runner, "HALF_STEP_INTEGRATORS", ())
     torsion_set = TorsionSet(ala_implicit.bonds, ala_implicit.n_atoms, ala_implicit.torsion_array)
     move = LearnedMCMCMove(alanine_basin_proposal(torsion_set), n_proposals=4, seed=5)
     assert _mean_kinetic_temperature(ala_implicit, move, interval=10) > 330.0
