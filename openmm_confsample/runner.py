@@ -21,7 +21,7 @@ import numpy as np
 import openmm
 from openmm import unit
 
-from .checks import positive_float
+from .checks import positive_float, positive_int
 from .errors import ConfSampleError
 from .units import to_kelvin
 
@@ -82,11 +82,26 @@ def inverse_masses(system: openmm.System) -> np.ndarray:
     return np.where(masses > 0, 1.0 / np.where(masses > 0, masses, 1.0), 0.0)[:, None]
 
 
+def _cached_inverse_masses(engine, context: openmm.Context) -> np.ndarray:
+    """1/m for ``context``, cached on the engine in one slot (no growth: a dict keyed by id(system) kept
+    one System wrapper alive per accepted move, 27k entries after 27k acceptances)."""
+    cached = getattr(engine, "_inverse_masses_cache", None)
+    if cached is None or cached[0] is not context:
+        cached = (context, inverse_masses(context.getSystem()))
+        try:
+            engine._inverse_masses_cache = cached
+        except AttributeError:  # an engine-like object that takes no attributes: no cache
+            pass
+    return cached[1]
+
+
 def run_engine_steps(context: openmm.Context, engine, kT: float, n_attempts: int = 1) -> int:
     """``n_attempts`` engine steps on a Context driven by an integrator; returns the number of accepted moves.
 
-    Applies the half-step velocity correction (module docstring) when the integrator needs it.
+    Applies the half-step velocity correction (module docstring) when the integrator needs it, also when a
+    step raises: the moves accepted before the exception are corrected, then the exception propagates.
     """
+    n_attempts = positive_int(n_attempts, "n_attempts")
     integrator = context.getIntegrator()
     correct = isinstance(integrator, HALF_STEP_INTEGRATORS)
     positions = energy = None
@@ -97,15 +112,22 @@ def run_engine_steps(context: openmm.Context, engine, kT: float, n_attempts: int
         forces_before = state.getForces(asNumpy=True).value_in_unit(_FORCE)
         velocities = state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
     accepted = 0
-    for _ in range(int(n_attempts)):
-        result = engine.step(context, kT, positions, energy)
-        positions, energy = result.positions_nm, result.potential_kJ
-        accepted += result.n_accepted
-    if correct and accepted:
-        forces_after = context.getState(getForces=True).getForces(asNumpy=True).value_in_unit(_FORCE)
-        half_dt_ps = 0.5 * integrator.getStepSize().value_in_unit(unit.picosecond)
-        system = context.getSystem()
-        context.setVelocities(velocities + half_dt_ps * (forces_before - forces_after) * inverse_masses(system))
-        if system.getNumConstraints():
-            context.applyVelocityConstraints(1e-6)
+    completed = False
+    try:
+        for _ in range(n_attempts):
+            result = engine.step(context, kT, positions, energy)
+            positions, energy = result.positions_nm, result.potential_kJ
+            accepted += result.n_accepted
+        completed = True
+    finally:
+        if not completed:  # the step that raised still accepted some moves before it did
+            partial = getattr(engine, "last_result", None)
+            accepted += partial.n_accepted if partial is not None else 0
+        if correct and accepted:
+            forces_after = context.getState(getForces=True).getForces(asNumpy=True).value_in_unit(_FORCE)
+            half_dt_ps = 0.5 * integrator.getStepSize().value_in_unit(unit.picosecond)
+            context.setVelocities(velocities + half_dt_ps * (forces_before - forces_after)
+                                  * _cached_inverse_masses(engine, context))
+            if context.getSystem().getNumConstraints():
+                context.applyVelocityConstraints(1e-6)
     return accepted

@@ -17,8 +17,13 @@ buffer). Stopping at the first acceptance instead would *not* be exact: the numb
 depend on the local acceptance rate, which biases the states seen between moves (an early version did
 that; its batched exactness test failed at p = 4e-34).
 
-Candidates with NaN/inf coordinates, corrections or energies are rejected and counted; the Context is
-always left holding the accepted (or the unchanged) state.
+Candidates with NaN/inf coordinates, energies or forces, or a NaN/+inf correction, are rejected and
+counted in ``n_nonfinite`` (a +inf correction would otherwise be accepted whatever the energy: a clash at
+1e6 kJ/mol once was, and the velocity correction then heated alanine dipeptide to 1e19 K); a -inf
+correction (the reverse move is impossible) is rejected without an energy and counted in ``n_impossible``.
+Whatever is raised inside a step (a proposal failing on a re-proposal, a KeyboardInterrupt during an
+energy), the Context is left holding the last accepted (or the unchanged) state, the statistics count
+what was done, and ``engine.last_result`` records the accepted moves so the caller can correct velocities.
 """
 
 from __future__ import annotations
@@ -98,12 +103,37 @@ class Proposal(abc.ABC):
         return cls(**config)
 
 
+#: A kT above this (kJ/mol; 100 kJ/mol is 12,000 K) is a temperature in kelvin passed as kT.
+_MAX_PLAUSIBLE_KT_KJ = 100.0
+
+
+def _checked_kT(kT_kJ) -> float:
+    try:
+        value = float(kT_kJ)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfSampleError(f"kT must be a positive thermal energy in kJ/mol, got {kT_kJ!r}.")
+    if value > _MAX_PLAUSIBLE_KT_KJ:
+        raise ConfSampleError(
+            f"kT of {value:g} kJ/mol is over {_MAX_PLAUSIBLE_KT_KJ:g} kJ/mol (a temperature in kelvin passed as kT?); "
+            f"kT at 300 K is 2.494 kJ/mol (units.kT_kJ_per_mol)."
+        )
+    return value
+
+
+def _finite_forces(context: openmm.Context) -> bool:
+    forces = context.getState(getForces=True).getForces(asNumpy=True)._value
+    return bool(np.isfinite(forces).all())
+
+
 def _new_statistics() -> dict:
     return {
         "n_moves": 0,
         "n_proposed": 0,
         "n_accepted": 0,
         "n_nonfinite": 0,
+        "n_impossible": 0,
         "n_invalid": 0,
         "proposal_seconds": 0.0,
         "energy_seconds": 0.0,
@@ -140,7 +170,8 @@ class MetropolisHastingsEngine:
         many kT above the current one. ``statistics['exact']`` is False and every report must say biased.
 
     Statistics (``engine.statistics``, a plain dict; ``reset_statistics()`` clears it): n_moves (calls of
-    :meth:`step`), n_proposed (candidates tried), n_accepted, n_nonfinite (rejected for NaN/inf),
+    :meth:`step`), n_proposed (candidates tried), n_accepted, n_nonfinite (rejected for NaN/inf positions, energies, forces or NaN/+inf corrections),
+    n_impossible (a -inf correction),
     n_invalid (refused by the proposal), proposal/energy/total seconds, and the derived acceptance_rate and
     seconds_per_proposal.
     """
@@ -157,7 +188,10 @@ class MetropolisHastingsEngine:
         self.exploration_threshold_kT = exploration_threshold_kT
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         self._stats = _new_statistics()
-        self._checked_systems: set[int] = set()
+        # The last Context whose System was checked (one slot: Context.getSystem() returns a new wrapper on
+        # every call, so a cache keyed by id(system) grew by one entry per step and checked every time).
+        self._checked_context = None
+        self.last_result: MoveResult | None = None
 
     # -- statistics -----------------------------------------------------------------------------------
     @property
@@ -182,11 +216,9 @@ class MetropolisHastingsEngine:
     # -- the step -------------------------------------------------------------------------------------
     def check_context(self, context: openmm.Context) -> None:
         """Refuse a system the proposal cannot handle (checked once per System object)."""
-        system = context.getSystem()
-        key = id(system)
-        if key not in self._checked_systems:
-            self.proposal.check_system(system)
-            self._checked_systems.add(key)
+        if context is not self._checked_context:
+            self.proposal.check_system(context.getSystem())
+            self._checked_context = context
 
     def step(self, context: openmm.Context, kT_kJ: float, positions_nm: np.ndarray | None = None,
              potential_kJ: float | None = None) -> MoveResult:
@@ -202,6 +234,8 @@ class MetropolisHastingsEngine:
             The current positions ((n_atoms, 3) nm) and potential energy (kJ/mol) if the caller already
             has them; otherwise they are read from the context.
         """
+        self.last_result = None
+        kT_kJ = _checked_kT(kT_kJ)
         start = time.perf_counter()
         stats = self._stats
         self.check_context(context)
@@ -218,58 +252,64 @@ class MetropolisHastingsEngine:
         energy_seconds = 0.0
         remaining = self.n_proposals
         touched = False
-        while remaining > 0:
-            t0 = time.perf_counter()
-            batch = self.proposal.propose(positions_nm, remaining, self.rng)
-            stats["proposal_seconds"] += time.perf_counter() - t0
-            if len(batch) != remaining:
-                raise RuntimeError(f"{type(self.proposal).__name__} returned {len(batch)} candidates, not {remaining}.")
-            accepted_index = -1
-            for s in range(len(batch)):
-                remaining -= 1
-                n_tried += 1
-                stats["n_proposed"] += 1
-                if batch.valid is not None and not batch.valid[s]:
-                    stats["n_invalid"] += 1
-                    continue
-                candidate = batch.positions[s]
-                correction = float(batch.log_correction[s])
-                if math.isnan(correction) or not np.isfinite(candidate).all():
-                    stats["n_nonfinite"] += 1
-                    continue
-                if correction == -math.inf:  # the reverse move is impossible: rejected without an energy
-                    continue
+        try:
+            while remaining > 0:
                 t0 = time.perf_counter()
-                touched = True
-                try:
-                    context.setPositions(candidate)
-                    energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(_KJ)
-                except openmm.OpenMMException:
-                    energy = math.nan
-                energy_seconds += time.perf_counter() - t0
-                if not math.isfinite(energy):
-                    stats["n_nonfinite"] += 1
-                    continue
-                if self.exploration_threshold_kT is not None:  # biased exploration: an energy cap, no MH
-                    if beta * energy - u_current <= self.exploration_threshold_kT:
+                batch = self.proposal.propose(positions_nm, remaining, self.rng)
+                stats["proposal_seconds"] += time.perf_counter() - t0
+                if len(batch) != remaining:
+                    raise RuntimeError(f"{type(self.proposal).__name__} returned {len(batch)} candidates, not {remaining}.")
+                accepted_index = -1
+                for s in range(len(batch)):
+                    remaining -= 1
+                    n_tried += 1
+                    stats["n_proposed"] += 1
+                    if batch.valid is not None and not batch.valid[s]:
+                        stats["n_invalid"] += 1
+                        continue
+                    candidate = batch.positions[s]
+                    correction = float(batch.log_correction[s])
+                    if correction == -math.inf:  # the reverse move is impossible: rejected without an energy
+                        stats["n_impossible"] += 1
+                        continue
+                    if not math.isfinite(correction) or not np.isfinite(candidate).all():
+                        stats["n_nonfinite"] += 1
+                        continue
+                    t0 = time.perf_counter()
+                    touched = True
+                    try:
+                        context.setPositions(candidate)
+                        energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(_KJ)
+                    except openmm.OpenMMException:
+                        energy = math.nan
+                    energy_seconds += time.perf_counter() - t0
+                    if not math.isfinite(energy):
+                        stats["n_nonfinite"] += 1
+                        continue
+                    if self.exploration_threshold_kT is not None:  # biased exploration: an energy cap, no MH
+                        accept = beta * energy - u_current <= self.exploration_threshold_kT
+                    else:
+                        log_alpha = -(beta * energy - u_current) + correction
+                        accept = log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha
+                    if accept and not _finite_forces(context):  # never accept a state MD cannot continue from
+                        stats["n_nonfinite"] += 1
+                        accept = False
+                    if accept:
                         accepted_index = s
                         break
-                    continue
-                log_alpha = -(beta * energy - u_current) + correction
-                if log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha:
-                    accepted_index = s
+                if accepted_index < 0:
                     break
-            if accepted_index < 0:
-                break
-            n_accepted += 1
-            stats["n_accepted"] += 1
-            self.proposal.accepted(batch, accepted_index)
-            positions_nm = np.array(batch.positions[accepted_index])
-            potential_kJ = energy
-            u_current = beta * energy
-            touched = False  # the context holds the accepted candidate
-        if touched:
-            context.setPositions(positions_nm)
-        stats["energy_seconds"] += energy_seconds
-        stats["total_seconds"] += time.perf_counter() - start
-        return MoveResult(n_accepted, positions_nm, potential_kJ, n_tried)
+                n_accepted += 1
+                stats["n_accepted"] += 1
+                positions_nm = np.array(batch.positions[accepted_index])
+                potential_kJ = energy
+                u_current = beta * energy
+                touched = False  # the context holds the accepted candidate
+                self.proposal.accepted(batch, accepted_index)
+        finally:
+            if touched:  # leave the last accepted state, also when something was raised
+                context.setPositions(positions_nm)
+            stats["energy_seconds"] += energy_seconds
+            stats["total_seconds"] += time.perf_counter() - start
+            self.last_result = MoveResult(n_accepted, positions_nm, potential_kJ, n_tried)
+        return self.last_result

@@ -5,33 +5,55 @@
 term, so it is exact for asymmetric proposals. It works in ``MCMCSampler``, ``SequenceMove``,
 ``WeightedMove`` and as (part of) the ``mcmc_moves`` of openmmtools' multistate samplers, which deep-copy
 and YAML-serialize moves: the state of a move is the proposal's config (models by path, never weights) plus
-its statistics as plain numbers, and each copy draws a fresh seed from its parent.
+its statistics as plain numbers, and the state of its random generator. Saving a move (``__getstate__``)
+draws nothing, so it never changes the chain's future; a deep copy gets a child stream spawned from its
+parent (``Generator.spawn`` leaves the parent's own draws unchanged), so replicas do not share random numbers.
+
+Restoring a stored move imports nothing named in the file: ``proposal_class`` must be one of the package's
+own proposal classes (:data:`PROPOSAL_CLASSES`), looked up in that registry.
 """
 
 from __future__ import annotations
 
-import importlib
+import copy
 
 import numpy as np
-from openmm import unit
 from openmmtools import mcmc
 
+from ..checks import positive_int
 from ..errors import ConfSampleError
+from ..units import kT_of
 from .engine import MetropolisHastingsEngine, Proposal
 
-_KJ = unit.kilojoule_per_mole
+#: The proposal classes a stored move may name (module path as written by ``__getstate__``). A stored
+#: string is looked up here, never imported: a tampered storage file cannot make the package import code.
+PROPOSAL_CLASSES = {
+    "openmm_confsample.moves.proposals.VonMisesTorsionProposal": ("openmm_confsample.moves.proposals",
+                                                                   "VonMisesTorsionProposal"),
+    "openmm_confsample.moves.proposals.GaussianDisplacementProposal": ("openmm_confsample.moves.proposals",
+                                                                        "GaussianDisplacementProposal"),
+    "openmm_confsample.moves.proposals.VonMisesMixtureProposal": ("openmm_confsample.moves.proposals",
+                                                                   "VonMisesMixtureProposal"),
+    "openmm_confsample.moves.torsion_diffusion.TorsionDiffusionProposal": ("openmm_confsample.moves.torsion_diffusion",
+                                                                            "TorsionDiffusionProposal"),
+    "openmm_confsample.moves.timewarp.TimewarpProposal": ("openmm_confsample.moves.timewarp", "TimewarpProposal"),
+}
 
 
 def _class_path(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _import_class(path: str):
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfSampleError(f"proposal class '{path}' cannot be imported: {exc}") from exc
+def _registered_class(path: str):
+    if path not in PROPOSAL_CLASSES:
+        raise ConfSampleError(
+            f"stored proposal class '{path}' is not one of the package's own proposals "
+            f"({', '.join(sorted(name.rsplit('.', 1)[1] for name in PROPOSAL_CLASSES))}); refusing to restore it."
+        )
+    import importlib  # only registered module paths, never a file's string
+
+    module, name = PROPOSAL_CLASSES[path]
+    return getattr(importlib.import_module(module), name)
 
 
 class LearnedMCMCMove(mcmc.MCMCMove):
@@ -71,9 +93,7 @@ class LearnedMCMCMove(mcmc.MCMCMove):
     def __init__(self, proposal: Proposal, n_proposals: int = 1, n_attempts: int = 1, seed=None,
                  exploration_threshold_kT: float | None = None):
         super().__init__()
-        if int(n_attempts) < 1:
-            raise ConfSampleError(f"n_attempts must be at least 1, got {n_attempts}.")
-        self.n_attempts = int(n_attempts)
+        self.n_attempts = positive_int(n_attempts, "n_attempts")
         self.engine = MetropolisHastingsEngine(proposal, n_proposals, seed, exploration_threshold_kT)
 
     @property
@@ -96,7 +116,7 @@ class LearnedMCMCMove(mcmc.MCMCMove):
         context_cache = self._get_context_cache(context_cache)
         context, _ = context_cache.get_context(thermodynamic_state)
         sampler_state.apply_to_context(context, ignore_velocities=True)
-        kT = thermodynamic_state.kT.value_in_unit(_KJ)
+        kT = kT_of(thermodynamic_state)
         positions = energy = None
         for _ in range(self.n_attempts):
             result = self.engine.step(context, kT, positions, energy)
@@ -111,15 +131,23 @@ class LearnedMCMCMove(mcmc.MCMCMove):
             "proposal_config": proposal.get_config(),
             "n_proposals": self.engine.n_proposals,
             "n_attempts": self.n_attempts,
-            "seed": int(self.engine.rng.integers(2**62)),
+            "rng_state": self.engine.rng.bit_generator.state,
             "exploration_threshold_kT": self.engine.exploration_threshold_kT,
             "statistics": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.statistics.items()},
         }
 
     def __setstate__(self, serialization):
-        proposal_class = _import_class(serialization["proposal_class"])
+        proposal_class = _registered_class(serialization["proposal_class"])
         proposal = proposal_class.from_config(serialization["proposal_config"])
-        self.n_attempts = int(serialization["n_attempts"])
-        self.engine = MetropolisHastingsEngine(proposal, serialization["n_proposals"], serialization["seed"],
+        self.n_attempts = positive_int(serialization["n_attempts"], "n_attempts")
+        self.engine = MetropolisHastingsEngine(proposal, serialization["n_proposals"], serialization.get("seed"),
                                                serialization.get("exploration_threshold_kT"))
+        if "rng_state" in serialization:  # files written before this carry a plain seed instead
+            self.engine.rng.bit_generator.state = serialization["rng_state"]
         self.engine.statistics = serialization.get("statistics", {})
+
+    def __deepcopy__(self, memo):
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        clone.engine.rng = self.engine.rng.spawn(1)[0]
+        return clone

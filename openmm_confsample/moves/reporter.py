@@ -18,6 +18,7 @@ import numpy as np
 import openmm
 from openmm import unit
 
+from ..checks import positive_int
 from ..errors import ConfSampleError
 from ..systems import kT_kJ_per_mol, to_kelvin
 from .engine import MetropolisHastingsEngine, Proposal
@@ -62,6 +63,7 @@ def apply_learned_move(context: openmm.Context, move, temperature=None, n_attemp
     temperature : Quantity or float K, optional
         Target temperature; by default the integrator's (``getTemperature()``).
     """
+    n_attempts = positive_int(n_attempts, "n_attempts")
     return run_engine_steps(context, _as_engine(move), _kT_for(context, temperature), n_attempts)
 
 
@@ -84,12 +86,11 @@ class LearnedMoveReporter:
     """
 
     def __init__(self, move, interval: int, n_attempts: int = 1, temperature=None):
-        if int(interval) < 1:
-            raise ConfSampleError(f"interval must be a positive number of steps, got {interval}.")
         self.engine = _as_engine(move)
-        self.interval = int(interval)
-        self.n_attempts = int(n_attempts)
-        self.temperature = temperature
+        self.interval = positive_int(interval, "interval")
+        self.n_attempts = positive_int(n_attempts, "n_attempts")
+        # Checked here, not at the first report deep inside simulation.step().
+        self.temperature = None if temperature is None else to_kelvin(temperature)
         self.n_accepted = 0
 
     @property
