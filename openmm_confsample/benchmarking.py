@@ -41,6 +41,7 @@ import openmm
 from openmm import unit
 
 from .errors import ConfSampleError
+from .runner import openmm_seed
 from .geometry.torsions import TorsionSet, dihedral_angles
 from .moves.engine import MetropolisHastingsEngine, Proposal
 from .moves.proposals import alanine_basin_proposal
@@ -305,10 +306,10 @@ class _Clock:
 def _prepared_context(molsys: MolecularSystem, integrator, platform: str, seed: int, temperature_K: float,
                       equilibration_steps: int, positions_nm=None) -> openmm.Context:
     """A context minimized, given velocities and equilibrated (all before any clock starts)."""
-    integrator.setRandomNumberSeed(int(seed) % 2**31)
+    integrator.setRandomNumberSeed(openmm_seed(seed))  # never 0, which OpenMM reads as random
     context = molsys.create_context(platform, integrator, positions_nm)
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
-    context.setVelocitiesToTemperature(temperature_K * unit.kelvin, int(seed) % 2**31)
+    context.setVelocitiesToTemperature(temperature_K * unit.kelvin, openmm_seed(seed, offset=1))
     if equilibration_steps > 0:
         integrator.step(int(equilibration_steps))
     return context

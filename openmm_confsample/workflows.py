@@ -18,6 +18,7 @@ from openmm import unit
 from .data.datasets import block_split, lagged_pairs, torsion_angles
 from .data.md import load_trajectory, read_metadata, write_json
 from .errors import ConfSampleError
+from .runner import langevin_integrator, openmm_seed
 from .systems import MolecularSystem, get_platform
 
 
@@ -218,13 +219,12 @@ def sample_with_moves(molsys: MolecularSystem, move, out_prefix: str, length_ps:
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     paths = {"dcd": f"{out_prefix}.dcd", "log": f"{out_prefix}.csv", "pdb": f"{out_prefix}.pdb",
              "json": f"{out_prefix}.json"}
-    integrator = openmm.LangevinMiddleIntegrator(molsys.temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_fs * unit.femtosecond)
-    integrator.setRandomNumberSeed(seed)
+    # openmm_seed: OpenMM reads 0 as "random", so seed 0 (the CLI default) was not reproducible (issue 13.5).
+    integrator = langevin_integrator(molsys.temperature_K, friction_per_ps, timestep_fs, seed=seed)
     simulation = app.Simulation(molsys.topology, molsys.system, integrator, get_platform(platform))
     simulation.context.setPositions(molsys.positions_nm)
     simulation.minimizeEnergy(maxIterations=500)
-    simulation.context.setVelocitiesToTemperature(molsys.temperature_K * unit.kelvin, seed)
+    simulation.context.setVelocitiesToTemperature(molsys.temperature_K * unit.kelvin, openmm_seed(seed, offset=1))
     with open(paths["pdb"] + ".partial", "w") as handle:
         app.PDBFile.writeFile(molsys.topology, simulation.context.getState(getPositions=True).getPositions(), handle)
     os.replace(paths["pdb"] + ".partial", paths["pdb"])

@@ -225,3 +225,36 @@ def test_plain_md_with_a_learned_bias_records_weights(ala_implicit, tmp_path):
                                rtol=1e-6)
     table = B.method_table(ala_implicit, learned_bias=path)
     assert "MD+learned bias" in table
+
+
+def _first_samples_equal(a, b):
+    n = min(a.n_samples, b.n_samples)
+    assert n > 0
+    np.testing.assert_array_equal(a.phi[:n], b.phi[:n])
+    np.testing.assert_array_equal(a.psi[:n], b.psi[:n])
+
+
+def test_seed_zero_is_reproducible_for_the_demo_samplers(ala_implicit):
+    # issue 13.5: OpenMM reads a seed of 0 as "random"; runner.openmm_seed maps 0 to a fixed non-zero seed.
+    runs = [B.run_plain_md(ala_implicit, 1.0, sample_every_steps=20, seed=0, equilibration_steps=10)
+            for _ in range(2)]
+    _first_samples_equal(*runs)
+    runs = [B.run_md_with_moves(ala_implicit, B.basin_proposal(ala_implicit), 1.0, md_steps_per_segment=20,
+                                moves_per_segment=2, seed=0, equilibration_steps=10) for _ in range(2)]
+    _first_samples_equal(*runs)
+
+
+def test_sample_command_with_seed_zero_is_reproducible(tmp_path, capsys):
+    import mdtraj
+
+    from openmm_confsample.cli import main
+    from openmm_confsample.models import shipped_model_path
+
+    xyz = []
+    for name in ("a", "b"):
+        prefix = tmp_path / name
+        assert main(["sample", "alanine-dipeptide-implicit", "--model", shipped_model_path(), "--length-ps", "0.4",
+                     "--move-interval", "100", "--save-interval-ps", "0.1", "--seed", "0", "--out", str(prefix),
+                     "--quiet"]) == 0
+        xyz.append(mdtraj.load(f"{prefix}.dcd", top=f"{prefix}.pdb").xyz)
+    np.testing.assert_array_equal(xyz[0], xyz[1])
