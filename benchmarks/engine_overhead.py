@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from openmm_confsample.demo import SHIPPED_MODEL
+    from openmm_confsample.bench.alanine import SHIPPED_MODEL
     from openmm_confsample.moves.torsion_diffusion import TorsionDiffusionMove
 
     molsys = get_system("alanine-dipeptide-implicit")

@@ -5,10 +5,12 @@
 
 Methods (same wall budget each): plain MD; MD + TorsionDiffusionMove; MD + von Mises basin mixture (the
 non-learned baseline); parallel tempering (openmmtools, 4 replicas 300-550 K); MD with a learned torsion
-bias (built in the run from unbiased MD by ``benchmarking.train_learned_bias``, reweighted); optionally
+bias (built in the run from unbiased MD by ``bench.training.train_learned_bias``, reweighted); optionally
 PT + TorsionDiffusionMove (``--pt-learned``); MD + TimewarpMove with the shipped Timewarp flow
 (``--timewarp-model PATH`` for another, ``--no-timewarp`` to leave it out).
 Every run is compared with an exact reference (MD + basin torsion moves, cached under benchmarks/cache/).
+The system is one configuration of the harness (``bench.alanine.alanine_config``: phi/psi recorded, phi > 0
+the primary indicator, alpha_R and beta also measured).
 The learned model's data generation and training time are reported separately and amortized
 (``ESS/s incl. training``).
 
@@ -101,9 +103,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from openmm_confsample import __version__
-    from openmm_confsample import benchmarking as B
-    from openmm_confsample.demo import (DEMO_MOVE_SETTINGS, SHIPPED_MODEL, SHIPPED_MODEL_SETTINGS,
-                                        SHIPPED_TIMEWARP_MODEL)
+    from openmm_confsample import bench as B
+    from openmm_confsample.bench.alanine import SHIPPED_MODEL, SHIPPED_MODEL_SETTINGS, SHIPPED_TIMEWARP_MODEL
+    from openmm_confsample.bench.demo import DEMO_MOVE_SETTINGS
     from openmm_confsample.errors import ConfSampleError
     from openmm_confsample.systems import get_system
 
@@ -115,14 +117,16 @@ def main(argv=None) -> int:
     progress = not args.quiet
     started = time.perf_counter()
     molsys = get_system("alanine-dipeptide-implicit")
+    config = B.alanine_config()
+    state = config.primary_name  # the primary indicator, e.g. 'phi > 0'
     failures: list[str] = []
 
     # -- the reference (cached) --------------------------------------------------------------------
     cache_path = os.path.join(args.cache, f"reference_{molsys.name}_{reference_seconds:g}s.npz")
     print(f"reference: MD + basin torsion moves, {reference_seconds:g} s (cache {cache_path})", flush=True)
-    reference = B.run_reference(molsys, reference_seconds, cache_path=cache_path, progress=progress)
-    print(f"  P(phi>0) = {reference.p_phi_positive:.4f} ± {reference.p_error:.4f}, "
-          f"ΔF = {reference.delta_f_kT:.3f} ± {reference.delta_f_error_kT:.3f} kT"
+    reference = B.run_reference(molsys, reference_seconds, config, cache_path=cache_path, progress=progress)
+    print(f"  P({state}) = {reference.estimate.p:.4f} ± {reference.estimate.p_error:.4f}, "
+          f"ΔF = {reference.estimate.delta_f_kT:.3f} ± {reference.estimate.delta_f_error_kT:.3f} kT"
           f"{' (cached)' if reference.from_cache else ''}", flush=True)
 
     chosen = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
         settings = {**SHIPPED_MODEL_SETTINGS, "data_seconds": mode["data_seconds"],
                     "train_seconds": mode["train_seconds"]}
         print(f"training a torsion diffusion model: {settings}", flush=True)
-        result = B.train_torsion_model(molsys, model_path, progress=progress, **settings)
+        result = B.train_torsion_model(molsys, model_path, config, progress=progress, **settings)
         training = {"data_seconds": result.data_seconds, "train_seconds": result.train_seconds,
                     "settings": result.settings, "path": model_path, "trained_here": True}
     elif model_path is None:
@@ -155,8 +159,8 @@ def main(argv=None) -> int:
         bias_path = os.path.join(out, "learned_bias.pt")
         print(f"building a learned bias: {mode['bias']}", flush=True)
         try:
-            built = B.train_learned_bias(molsys, bias_path, seed=args.seed, progress=progress, verbose=progress,
-                                         **mode["bias"])
+            built = B.train_learned_bias(molsys, bias_path, config, seed=args.seed, progress=progress,
+                                         verbose=progress, **mode["bias"])
             bias_build = {"data_seconds": built.data_seconds, "train_seconds": built.train_seconds,
                           "settings": built.settings, "path": bias_path}
             print(f"  {built.data_seconds:.0f} s unbiased MD + {built.train_seconds:.0f} s refinement", flush=True)
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
         print(f"timewarp model: {timewarp_path}", flush=True)
 
     # -- the methods -------------------------------------------------------------------------------
-    table = B.method_table(molsys, torsion_model=model_path, timewarp_model=timewarp_path,
+    table = B.method_table(molsys, config, torsion_model=model_path, timewarp_model=timewarp_path,
                            pt_learned=args.pt_learned, learned_bias=bias_path, **DEMO_MOVE_SETTINGS)
     if chosen is not None:
         unknown = [m for m in chosen if m not in table]
@@ -205,12 +209,12 @@ def main(argv=None) -> int:
     rows = []
     if runs:
         try:
-            rows = B.summarize(runs, reference, extra_seconds=extra)
-            B.plot_comparison(runs, reference, out)
+            rows = B.summarize(runs, config.indicators, reference, extra_seconds=extra)
+            B.plot_comparison(runs, reference, out, config.torsion_pair(molsys))
         except ConfSampleError as exc:
             failures.append(f"summary: {exc}")
     for row in rows:
-        for key in ("wall_s", "p_phi_positive", "ess_phi_per_s", "delta_f_kT"):
+        for key in ("wall_s", "p", "ess_per_s", "delta_f_kT"):
             value = row.get(key)
             if value is None or not np.isfinite(value):
                 if not (key == "delta_f_kT" and value in (float("inf"), float("-inf"))):
@@ -226,12 +230,12 @@ def main(argv=None) -> int:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, OpenMM Reference platform",
         f"- command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- system: {molsys.name} at {molsys.temperature_K:g} K; {seconds:g} s wall per method",
-        f"- reference: {reference_seconds:g} s MD + basin torsion moves (seed 12345): P(phi>0) = "
-        f"{reference.p_phi_positive:.4f} ± {reference.p_error:.4f}, ΔF = {reference.delta_f_kT:.3f} ± "
-        f"{reference.delta_f_error_kT:.3f} kT, acceptance {reference.run.acceptance.get('acceptance_rate', 0):.3f}",
+        f"- reference: {reference_seconds:g} s MD + basin torsion moves (seed 12345): P({state}) = "
+        f"{reference.estimate.p:.4f} ± {reference.estimate.p_error:.4f}, ΔF = {reference.estimate.delta_f_kT:.3f} ± "
+        f"{reference.estimate.delta_f_error_kT:.3f} kT, acceptance {reference.run.acceptance.get('acceptance_rate', 0):.3f}",
     ]
     if pt_row is not None:
-        lines.append(f"- cross-check, PT at 300 K: P(phi>0) = {pt_row['p_phi_positive']:.4f} ± {pt_row['p_error']:.4f}, "
+        lines.append(f"- cross-check, PT at 300 K: P({state}) = {pt_row['p']:.4f} ± {pt_row['p_error']:.4f}, "
                      f"ΔF = {pt_row['delta_f_kT']:.3f} ± {pt_row['delta_f_error_kT']:.3f} kT "
                      f"(z = {pt_row['z_vs_reference'] if pt_row['z_vs_reference'] is not None else float('nan'):+.1f})")
     if training.get("data_seconds") is not None:
@@ -240,13 +244,13 @@ def main(argv=None) -> int:
                      f"amortized in `ESS/s incl. training`")
     if bias_build is not None:
         rounds = bias_build["settings"]["rounds"]
-        first_ps = bias_build["settings"].get("round0_first_phi_positive_ps")
+        first_ps = bias_build["settings"].get("round0_first_primary_ps")
         first = "never" if first_ps is None else f"at {first_ps:.1f} ps"
         kish = ", ".join(f"{r['kish_ess']:.0f}/{r['frames']}" for r in rounds if "kish_ess" in r)
         lines.append(f"- learned bias: {bias_build['data_seconds']:.0f} s unbiased MD + {len(rounds) - 1} refinement "
                      f"rounds ({bias_build['train_seconds']:.0f} s: training and biased MD), bias factor "
                      f"{bias_build['settings']['bias_factor']:g}, cap {bias_build['settings']['cap_kT']:g} kT; "
-                     f"Kish ESS per round: {kish}; round 0's biased MD first reached phi > 0 {first}")
+                     f"Kish ESS per round: {kish}; round 0's biased MD first reached {state} {first}")
     if timewarp_training is not None:
         lines.append(f"- timewarp model: data {timewarp_training['data_wall_seconds']:.0f} s + training "
                      f"{timewarp_training['train_wall_seconds']:.0f} s (recorded in the checkpoint), amortized in "
@@ -255,12 +259,16 @@ def main(argv=None) -> int:
     learned = [r for r in rows if r.get("ess_per_s_incl_training") is not None]
     for r in learned:
         lines.append(f"- {r['method']}: ESS/s incl. training = {r['ess_per_s_incl_training']:.3g}")
-    lines += ["", "ESS(phi>0) = min(N / tau_int, two-state ESS N r / (2 - r) with r = entries / (N p_ref (1 - p_ref))) "
-              "(see `benchmarking.indicator_ess`); for the reweighted MD+learned bias, p_ref (1 - p_ref) / sigma_P^2 with "
-              "sigma_P its weighted block error; '≤' marks a run that never entered phi > 0 (ESS of one entry, an "
-              "upper bound; ratios against it are lower bounds, '≥'). acceptance is the MH acceptance (exchange "
+    if rows:
+        lines += ["", "Every indicator of the configuration (P and ΔF with 10-block errors, ESS/s and its ratio to MD "
+                  "as above):", "", B.populations_table(rows)]
+    lines += ["", f"ESS({state}) = min(N / tau_int, two-state ESS N r / (2 - r) with r = entries / (N p_ref (1 - p_ref))) "
+              "(see `bench.summary.indicator_ess`); for the reweighted MD+learned bias, p_ref (1 - p_ref) / sigma_P^2 "
+              f"with sigma_P its weighted block error; '≤' marks a run that never entered {state} (ESS of one entry, an "
+              "upper bound; ratios against it are lower bounds, '≥'); a ratio is measured only where both runs "
+              f"entered {state} at least 10 times, otherwise 'not measurable'. acceptance is the MH acceptance (exchange "
               "acceptance for PT); ms/proposal is the engine's wall time per MH candidate (model, geometry and "
-              "energy). ΔF = F(phi>0) - F(phi<0) with 10-block errors; z = (ΔF - ΔF_ref) / combined error; JSD on "
+              f"energy). ΔF = F({state}) - F(not {state}) with 10-block errors; z = (ΔF - ΔF_ref) / combined error; JSD on "
               "36 x 36 phi/psi bins against the reference; TIC0 from deeptime TICA (lag 1 sample) on the "
               "reference's sin/cos(phi, psi).", ""]
     if failures:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from openmm_confsample import benchmarking as B
+from openmm_confsample import bench as B
 from openmm_confsample.moves.timewarp import TimewarpProposal
 from openmm_confsample.systems import get_system
 
@@ -40,7 +40,8 @@ def main():
     reference = None
     if args.reference_seconds:
         cache = os.path.join(args.cache, f"reference_{molsys.name}_{args.reference_seconds:g}s.npz")
-        reference = B.run_reference(molsys, args.reference_seconds, cache_path=cache, progress=False)
+        reference = B.run_reference(molsys, args.reference_seconds, B.alanine_config(), cache_path=cache,
+                                    progress=False)
     runs = []
     if not args.skip_md:
         runs.append(B.run_plain_md(molsys, args.seconds, seed=args.seed + 10, method="MD"))
@@ -48,7 +49,8 @@ def main():
     runs.append(B.run_md_with_moves(molsys, proposal, args.seconds, md_steps_per_segment=args.md_steps_per_segment,
                                     moves_per_segment=args.moves_per_segment, n_proposals=args.n_proposals,
                                     seed=args.seed + 20, method="MD+TimewarpMove"))
-    rows = B.summarize(runs, reference, p_phi_positive=args.p_phi_positive)
+    p_reference = None if args.p_phi_positive is None else {"phi > 0": args.p_phi_positive}
+    rows = B.summarize(runs, B.alanine_config().indicators, reference, p_reference=p_reference)
     print(B.markdown_table(rows))
     move = runs[-1]
     extra = {"moves": move.acceptance, "settings": vars(args),

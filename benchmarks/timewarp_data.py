@@ -17,10 +17,10 @@ import os
 import time
 
 import numpy as np
-import openmm
 from openmm import unit
 
 from openmm_confsample.bias import with_learned_bias
+from openmm_confsample.runner import langevin_context
 from openmm_confsample.systems import get_system
 
 
@@ -34,13 +34,9 @@ def run(out, n_traj, length_ps, save_interval_ps, seed0, timestep_fs=1.0, fricti
     n_frames = int(round(length_ps / save_interval_ps))
     for i in range(n_traj):
         seed = seed0 + i
-        integrator = openmm.LangevinMiddleIntegrator(ala.temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                     timestep_fs * unit.femtosecond)
-        integrator.setRandomNumberSeed(seed)
-        context = ala.create_context("Reference", integrator)
-        openmm.LocalEnergyMinimizer.minimize(context)
-        context.setVelocitiesToTemperature(ala.temperature_K * unit.kelvin, seed)
-        integrator.step(20000)
+        context = langevin_context(ala, friction_per_ps=friction_per_ps, timestep_fs=timestep_fs, seed=seed,
+                                   equilibration_steps=int(round(20.0 * 1000 / timestep_fs)))
+        integrator = context.getIntegrator()
         frames = np.empty((n_frames, len(ala.atom_labels), 3), np.float32)
         bias_kJ = np.zeros(n_frames)
         t0 = time.time()

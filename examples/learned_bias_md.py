@@ -47,7 +47,6 @@ def main():
     t_start = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        # seed + 1: OpenMM reads a random-number seed of 0 as "pick one at random"
         md = run_md(ala, os.path.join(tmp, "train"), args.train_ps, save_interval_ps=0.05, seed=args.seed + 1,
                     platform=args.platform, progress=False)
         angles = torsion_angles(md.load(), ala)

@@ -34,7 +34,7 @@ def positive_float(value, name: str, allow_zero: bool = False) -> float:
         number = math.nan
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         kind = "non-negative" if allow_zero else "positive"
-        raise ConfSampleError(f"{name} must be a finite {kind} number, got {value!r}.")
+        raise ConfSampleError(f"{name} must be {kind} and finite, got {value!r}.")
     return number
 
 
@@ -46,6 +46,30 @@ def finite_float(value, name: str) -> float:
     if not math.isfinite(number):
         raise ConfSampleError(f"{name} must be a finite number, got {value!r}.")
     return number
+
+
+#: A kT above this (kJ/mol; 100 kJ/mol is 12,000 K) is a temperature in kelvin passed as kT.
+MAX_PLAUSIBLE_KT_KJ = 100.0
+
+
+def positive_kT(value, name: str = "kT") -> float:
+    """``value`` as a thermal energy kT in kJ/mol: finite, > 0 and not a temperature in kelvin (<= 100 kJ/mol)."""
+    number = positive_float(value, f"{name} (kJ/mol)")
+    if number > MAX_PLAUSIBLE_KT_KJ:
+        raise ConfSampleError(
+            f"{name} of {number:g} kJ/mol is over {MAX_PLAUSIBLE_KT_KJ:g} kJ/mol (a temperature in kelvin passed as "
+            f"kT?); kT at 300 K is 2.494 kJ/mol (units.kT_kJ_per_mol)."
+        )
+    return number
+
+
+def whole_steps(interval_ps, timestep_fs, name: str = "save_interval_ps") -> int:
+    """The number of ``timestep_fs`` steps in ``interval_ps`` (both positive), refused unless a whole number >= 1."""
+    interval_ps, timestep_fs = positive_float(interval_ps, name), positive_float(timestep_fs, "timestep_fs")
+    steps = interval_ps * 1000.0 / timestep_fs
+    if round(steps) < 1 or abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
+        raise ConfSampleError(f"{name}={interval_ps} is not a whole number of {timestep_fs} fs timesteps.")
+    return int(round(steps))
 
 
 def as_generator(seed, name: str = "seed") -> np.random.Generator:

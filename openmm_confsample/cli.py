@@ -20,6 +20,8 @@ def _add_trajectory_arguments(parser, what: str, out_help: str):
                         help=f"{what}DCD/XTC/HDF5 trajectories (e.g. from `confsample simulate`)")
     parser.add_argument("--topology", default=None, help="topology PDB for DCD/XTC files (default: the system's)")
     parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--allow-truncated", action="store_true",
+                        help="use the readable frames of a truncated DCD (header claims more frames) instead of refusing")
 
 
 def _cmd_systems(args):
@@ -32,14 +34,19 @@ def _cmd_systems(args):
 
 
 def _cmd_simulate(args):
-    from .data.md import run_md
+    from .data.md import BiasRecord, run_md
     from .systems import resolve_system
 
     molsys = resolve_system(args.system, args.forcefield, args.temperature)
+    record = None
+    if args.bias:
+        from .bias import with_learned_bias  # torch: imported only for a biased run
+
+        molsys, added = with_learned_bias(molsys, args.bias, args.bias_backend)
+        record = BiasRecord.of(added, args.bias)
     result = run_md(molsys, args.out, args.length_ps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                     save_interval_ps=args.save_interval_ps, seed=args.seed, platform=args.platform,
-                    trajectory_format=args.format, progress=not args.quiet, bias=args.bias,
-                    bias_backend=args.bias_backend)
+                    trajectory_format=args.format, progress=not args.quiet, bias=record)
     print(f"wrote {result.trajectory_path} ({result.n_frames} frames), {result.topology_path}, {result.metadata_path}"
           + (f", {args.out}.bias.npy (bias energies, kJ/mol)" if args.bias else ""))
     print(f"throughput: {result.ns_per_day:.1f} ns/day ({result.wall_seconds:.1f} s wall)")
@@ -53,7 +60,7 @@ def _cmd_train(args):
     if args.model_kind == "diffusion":
         _, summary = train_torsion_diffusion(molsys, args.trajectories, args.out, topology=args.topology,
                                              max_epochs=args.epochs, max_minutes=args.max_minutes, seed=args.seed,
-                                             progress=not args.quiet)
+                                             progress=not args.quiet, allow_truncated=args.allow_truncated)
     else:
         config = {"n_coupling_layers": args.coupling_layers, "hidden_dim": args.hidden}
         if args.coordinates == "internal":
@@ -63,7 +70,7 @@ def _cmd_train(args):
         _, summary = train_timewarp(molsys, args.trajectories, args.out, args.tau_ps, topology=args.topology,
                                     epochs=args.epochs, acceptance_steps=args.acceptance_steps,
                                     max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet,
-                                    config=config)
+                                    config=config, allow_truncated=args.allow_truncated)
     for key, value in summary.items():
         print(f"{key}: {value}")
 
@@ -76,7 +83,8 @@ def _cmd_bias(args):
     _, summary = build_learned_bias(molsys, args.trajectories, args.out, topology=args.topology, rounds=args.rounds,
                                     round_ps=args.round_ps, bias_factor=args.bias_factor, cap_kT=args.cap_kt,
                                     train_minutes_per_round=args.train_minutes, seed=args.seed,
-                                    platform=args.platform, backend=args.backend, progress=not args.quiet)
+                                    platform=args.platform, backend=args.backend, progress=not args.quiet,
+                                    allow_truncated=args.allow_truncated)
     print(f"wrote {summary['bias']} and {summary['summary']} ({summary['wall_seconds']:.0f} s)")
 
 
@@ -92,7 +100,7 @@ def _make_move(args, molsys):
                             exploration_threshold_kT=args.explore_kT)
     from .geometry.torsions import TorsionSet
     from .moves.mcmc import LearnedMCMCMove
-    from .moves.proposals import alanine_basin_proposal
+    from .bench.alanine import alanine_basin_proposal
 
     torsion_set = TorsionSet(molsys.bonds, molsys.n_atoms, molsys.torsion_array, names=molsys.torsion_names)
     return LearnedMCMCMove(alanine_basin_proposal(torsion_set), n_proposals=args.n_proposals, seed=args.seed)
@@ -125,7 +133,7 @@ def _cmd_reweight(args):
     molsys = resolve_system(args.system, args.forcefield, args.temperature)
     model = TorsionDiffusionModel.load(args.model)
     check_model_matches_system(model, molsys, f"'{args.model}'")
-    angles, _ = model.sample(args.n_samples, seed=args.seed)
+    angles = model.sample(args.n_samples, generator=args.seed)
     result = reweight_pipeline(molsys, angles, n_resample=args.n_resample, energy=args.energy,
                                temperature_K=args.reweight_temperature, seed=args.seed, out_dir=args.out,
                                progress=not args.quiet)
@@ -135,7 +143,7 @@ def _cmd_reweight(args):
     if args.validate_ps > 0:
         import os
 
-        from .validation import plot_validation, validate_structures
+        from .reweight import plot_validation, validate_structures
 
         count = min(args.validate_count, len(result.resampled_positions_nm))
         validation = validate_structures(molsys, result.resampled_positions_nm[:count], length_ps=args.validate_ps,
@@ -147,7 +155,7 @@ def _cmd_reweight(args):
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
+    from .bench.demo import run_demo
 
     run_demo(args.out, args.seconds, args.model, args.system, args.train, progress=not args.quiet, seed=args.seed,
              forcefield_files=args.forcefield)
@@ -282,13 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
-    for register in _EXTRA_COMMANDS:
-        register(commands)
     return parser
-
-
-#: Functions ``register(subparsers)`` that add further commands (train, sample, reweight, benchmark, demo).
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv=None) -> int:

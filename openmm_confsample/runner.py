@@ -23,11 +23,10 @@ from openmm import unit
 
 from .checks import positive_float, positive_int
 from .errors import ConfSampleError
-from .units import to_kelvin
+from .units import KJ_PER_MOL_NM as _FORCE, to_kelvin
 
 #: Integrators whose Context velocities lag the positions by half a step.
 HALF_STEP_INTEGRATORS = (openmm.LangevinMiddleIntegrator, openmm.LangevinIntegrator, openmm.VerletIntegrator)
-_FORCE = unit.kilojoule_per_mole / unit.nanometer
 _MAX_OPENMM_SEED = 2**31 - 2
 
 
@@ -74,6 +73,30 @@ def langevin_context(molecular_system, temperature_K=None, friction_per_ps: floa
     if equilibration_steps and int(equilibration_steps) > 0:
         integrator.step(int(equilibration_steps))
     return context
+
+
+def as_engine(move, n_proposals: int | None = None, seed=None):
+    """The MetropolisHastingsEngine behind ``move``: a Proposal, an engine, or anything with an ``engine``.
+
+    A Proposal gets a fresh engine with ``n_proposals`` candidates per step (default 1) and random stream
+    ``seed`` (int, Generator or None). An engine, or a ``LearnedMCMCMove``'s engine, is returned as it is,
+    with its own ``n_proposals`` and random stream (``n_proposals`` and ``seed`` are then unused) and its
+    statistics NOT reset: a caller that wants a fresh count calls ``engine.reset_statistics()`` itself.
+    """
+    # Deferred: moves imports this module (run_engine_steps), so importing moves here at load would be a cycle.
+    from .moves.engine import MetropolisHastingsEngine, Proposal
+
+    if isinstance(move, MetropolisHastingsEngine):
+        return move
+    if isinstance(move, Proposal):
+        return MetropolisHastingsEngine(move, 1 if n_proposals is None else n_proposals, seed)
+    engine = getattr(move, "engine", None)
+    if isinstance(engine, MetropolisHastingsEngine):
+        return engine
+    raise ConfSampleError(
+        f"move must be a proposal (Proposal), a MetropolisHastingsEngine or a LearnedMCMCMove, got "
+        f"{type(move).__name__}."
+    )
 
 
 def inverse_masses(system: openmm.System) -> np.ndarray:

@@ -31,7 +31,8 @@ from scipy import integrate, stats
 from .analysis.statistics import integrated_autocorrelation_time
 from .moves.engine import MetropolisHastingsEngine, Proposal, ProposalBatch
 from .runner import langevin_context, run_engine_steps
-from .systems import MolecularSystem, kT_kJ_per_mol
+from .systems import MolecularSystem
+from .units import kT_kJ_per_mol
 
 #: Torsion terms (force constant kJ/mol, periodicity, phase rad) of the four-atom chain: three unequal wells.
 DEFAULT_TORSION_TERMS = ((3.0, 1, 0.0), (4.0, 3, 0.0))

@@ -8,9 +8,15 @@ anything that carries a temperature), and the one place positions and temperatur
 from __future__ import annotations
 
 import numpy as np
+import openmm
 from openmm import unit
 
 from .errors import ConfSampleError
+
+#: The units plain floats carry inside the package.
+NM = unit.nanometer
+KJ_PER_MOL = unit.kilojoule_per_mole
+KJ_PER_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
 
 #: Boltzmann constant times Avogadro's number, kJ/(mol K): the one place kT is computed from.
 MOLAR_GAS_CONSTANT_KJ = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
@@ -35,18 +41,40 @@ def to_nm(positions, name: str = "positions") -> np.ndarray:
 
     Raises ConfSampleError when the array is not (n_atoms, 3) or holds NaN/inf, naming ``name``.
     """
+    array = _length_array(positions, name)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise ConfSampleError(f"{name} must have shape (n_atoms, 3), got {array.shape}.")
+    _require_finite(array, name, "atoms")
+    return array
+
+
+def to_nm_batch(positions, n_atoms: int, name: str = "positions") -> np.ndarray:
+    """Structures (M, n_atoms, 3) in nm from a Quantity or a plain array in nm; one (n_atoms, 3) structure gets M = 1."""
+    batch = _length_array(positions, name)
+    if batch.ndim == 2:
+        batch = batch[None]
+    if batch.ndim != 3 or batch.shape[1:] != (n_atoms, 3) or len(batch) == 0:
+        raise ConfSampleError(f"{name} must have shape (M, {n_atoms}, 3) in nm with M >= 1, got {batch.shape}.")
+    _require_finite(batch, name, "structures")
+    return batch
+
+
+def _length_array(positions, name: str) -> np.ndarray:
     if unit.is_quantity(positions):
         try:
             positions = positions.value_in_unit(unit.nanometer)
         except TypeError as exc:
             raise ConfSampleError(f"{name} must have length units (e.g. nanometer), got {positions.unit}.") from exc
-    array = np.asarray(positions, dtype=float)
-    if array.ndim != 2 or array.shape[1] != 3:
-        raise ConfSampleError(f"{name} must have shape (n_atoms, 3), got {array.shape}.")
+    try:
+        return np.array(positions, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ConfSampleError(f"{name} must be a numeric array of coordinates in nm.") from exc
+
+
+def _require_finite(array: np.ndarray, name: str, what: str) -> None:
     if not np.all(np.isfinite(array)):
         bad = np.unique(np.nonzero(~np.isfinite(array))[0])[:5].tolist()
-        raise ConfSampleError(f"{name} contain NaN or infinite coordinates (atoms {bad}).")
-    return array
+        raise ConfSampleError(f"{name} contain NaN or infinite coordinates ({what} {bad}).")
 
 
 def to_kelvin(temperature, name: str = "temperature", allow_unusual_temperature: bool = False) -> float:
@@ -73,3 +101,47 @@ def to_kelvin(temperature, name: str = "temperature", allow_unusual_temperature:
             f"pass allow_unusual_temperature=True if it is meant."
         )
     return value
+
+
+#: Bonded distances this many times the force field's (median over bonds) mean the positions are in angstrom.
+POSITION_SCALE_LIMIT = 3.0
+
+
+def check_position_scale(system: openmm.System, positions, name: str = "positions", max_bonds: int = 1000) -> None:
+    """Refuse positions whose bonded distances are about 10x the force field's: angstrom numbers taken as nm.
+
+    Plain numbers are read as nm everywhere (OpenMM does the same, also inside openmmtools sampler states), so
+    angstrom coordinates gave energies of 4e6 kJ/mol with no word. The median ratio of the positions'
+    distance to the reference length over (at most ``max_bonds`` of) the HarmonicBondForce bonds and the
+    constraints is about 1 for nm and 10 for angstrom; above :data:`POSITION_SCALE_LIMIT` this raises. The
+    median keeps a few bonds split across a periodic box from deciding. A System without bonds or
+    constraints is not checked.
+
+    positions : (n_atoms, 3) float nm, or a Quantity (a dimensionless one, as openmmtools makes of plain
+    numbers, is read as nm).
+    """
+    if unit.is_quantity(positions) and positions.unit.is_dimensionless():
+        positions = positions.value_in_unit(unit.dimensionless)
+    positions = to_nm(positions, name)
+    pairs, lengths = [], []
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for index in range(min(force.getNumBonds(), max_bonds)):
+                i, j, length, _ = force.getBondParameters(index)
+                pairs.append((i, j))
+                lengths.append(length.value_in_unit(unit.nanometer))
+    for index in range(min(system.getNumConstraints(), max_bonds)):
+        i, j, length = system.getConstraintParameters(index)
+        pairs.append((i, j))
+        lengths.append(length.value_in_unit(unit.nanometer))
+    pairs, lengths = np.array(pairs, dtype=int).reshape(-1, 2), np.array(lengths, dtype=float)
+    keep = (lengths > 0) & (pairs.max(axis=1, initial=-1) < len(positions))
+    if not keep.any():
+        return
+    pairs, lengths = pairs[keep], lengths[keep]
+    distances = np.linalg.norm(positions[pairs[:, 0]] - positions[pairs[:, 1]], axis=1)
+    if np.median(distances / lengths) > POSITION_SCALE_LIMIT:
+        raise ConfSampleError(
+            f"{name} look like angstrom (median bond {np.median(distances):.3g} nm vs {np.median(lengths):.3g} nm "
+            f"in the force field); pass nm or a Quantity."
+        )

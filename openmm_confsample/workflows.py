@@ -11,23 +11,23 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import openmm
 import openmm.app as app
 from openmm import unit
 
 from .data.datasets import block_split, lagged_pairs, torsion_angles
-from .data.md import load_trajectory, read_metadata, write_json
+from .data.md import load_trajectory, read_metadata
+from .data.outputs import write_json
 from .errors import ConfSampleError
 from .runner import langevin_integrator, openmm_seed
 from .systems import MolecularSystem, get_platform
 
 
-def _load_all(molsys: MolecularSystem, trajectories, topology=None):
+def _load_all(molsys: MolecularSystem, trajectories, topology=None, allow_truncated: bool = False):
     if not trajectories:
         raise ConfSampleError("no trajectory files were given.")
     loaded = []
     for path in trajectories:
-        traj = load_trajectory(path, topology or molsys)
+        traj = load_trajectory(path, topology or molsys, allow_truncated=allow_truncated)
         if traj.n_atoms != molsys.n_atoms:
             raise ConfSampleError(f"trajectory '{path}' has {traj.n_atoms} atoms but system '{molsys.name}' has "
                                   f"{molsys.n_atoms}.")
@@ -38,7 +38,7 @@ def _load_all(molsys: MolecularSystem, trajectories, topology=None):
 def train_torsion_diffusion(molsys: MolecularSystem, trajectories, out_path: str, topology=None,
                             torsions=None, max_epochs: int = 200, max_minutes: float | None = 5.0,
                             hidden: int = 128, n_layers: int = 3, seed: int = 0, progress: bool = True,
-                            plot: bool = True):
+                            plot: bool = True, allow_truncated: bool = False):
     """Train a torsion diffusion model on the torsions of ``trajectories`` and save it to ``out_path``.
 
     Parameters
@@ -51,6 +51,8 @@ def train_torsion_diffusion(molsys: MolecularSystem, trajectories, out_path: str
     torsions : dict name -> (i, j, k, l), optional
     max_minutes : float, optional
         Wall-clock budget of training.
+    allow_truncated : bool
+        Train on a truncated DCD's readable frames instead of refusing it (:func:`~.data.md.load_trajectory`).
 
     Returns
     -------
@@ -61,7 +63,7 @@ def train_torsion_diffusion(molsys: MolecularSystem, trajectories, out_path: str
     torsions = dict(torsions or molsys.torsions)
     if not torsions:
         raise ConfSampleError(f"system '{molsys.name}' has no named torsions; pass torsions=.")
-    loaded = _load_all(molsys, trajectories, topology)
+    loaded = _load_all(molsys, trajectories, topology, allow_truncated)
     per_trajectory = [torsion_angles(t, np.array(list(torsions.values()))) for t in loaded]
     train_parts, val_parts = [], []
     for angles in per_trajectory:
@@ -106,11 +108,12 @@ def train_torsion_diffusion(molsys: MolecularSystem, trajectories, out_path: str
 
 def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps: float, topology=None,
                    save_interval_ps: float | None = None, epochs: int = 20, acceptance_steps: int = 0,
-                   max_minutes: float | None = 30.0, seed: int = 0, progress: bool = True, config=None):
+                   max_minutes: float | None = 30.0, seed: int = 0, progress: bool = True, config=None,
+                   allow_truncated: bool = False):
     """Train a Timewarp flow on (x(t), x(t + tau)) pairs of ``trajectories`` (likelihood, then optionally acceptance).
 
     ``save_interval_ps`` defaults to the value in each trajectory's metadata JSON (written by ``run_md``).
-    Trajectories of biased MD (``run_md(bias=...)``, ``confsample simulate --bias``) are fine training data:
+    Trajectories of biased MD (``run_md(biased, ..., bias=...)``, ``confsample simulate --bias``) are fine training data:
     their pairs cross barriers that plain MD keeps, and the move's MH test is against the unbiased potential;
     the checkpoint's metadata lists the biases under ``data_bias``.
     Returns (TimewarpModel, summary dict).
@@ -118,7 +121,7 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
     from .models.timewarp import TimewarpTrainer
     from .systems import EnergyEvaluator
 
-    loaded = _load_all(molsys, trajectories, topology)
+    loaded = _load_all(molsys, trajectories, topology, allow_truncated)
     intervals, biases = [], []
     for path in trajectories:
         meta = read_metadata(path) or {}
@@ -163,7 +166,7 @@ def train_timewarp(molsys: MolecularSystem, trajectories, out_path: str, tau_ps:
 def build_learned_bias(molsys: MolecularSystem, trajectories, out_path: str, topology=None, torsions=None,
                        rounds: int = 3, round_ps: float = 200.0, bias_factor: float = 6.0, cap_kT: float = 20.0,
                        train_minutes_per_round: float = 1.0, seed: int = 0, platform: str = "Reference",
-                       backend: str = "auto", progress: bool = True):
+                       backend: str = "auto", progress: bool = True, allow_truncated: bool = False):
     """A learned torsion bias from unbiased ``trajectories``, refined by rounds of biased MD, saved to ``out_path``.
 
     Thin composition of :func:`openmm_confsample.bias.refine_learned_bias`: the trajectories' torsions
@@ -176,7 +179,7 @@ def build_learned_bias(molsys: MolecularSystem, trajectories, out_path: str, top
     torsions = dict(torsions or molsys.torsions)
     if not torsions:
         raise ConfSampleError(f"system '{molsys.name}' has no named torsions; pass torsions=.")
-    loaded = _load_all(molsys, trajectories, topology)
+    loaded = _load_all(molsys, trajectories, topology, allow_truncated)
     angles = np.concatenate([torsion_angles(t, np.array(list(torsions.values()))) for t in loaded])
     refinement = refine_learned_bias(molsys, angles, rounds=rounds, round_ps=round_ps, torsions=torsions,
                                      bias_factor=bias_factor, cap_kT=cap_kT, seed=seed, platform=platform,

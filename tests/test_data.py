@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from openmm_confsample.data.datasets import block_split, lag_in_frames, lagged_pairs, torsion_angles
-from openmm_confsample.data.md import load_trajectory, read_metadata, run_md
+from openmm_confsample.data.md import dcd_header_frames, load_trajectory, read_metadata, run_md
 from openmm_confsample.errors import ConfSampleError
 
 
@@ -97,3 +97,88 @@ def test_xtc_and_hdf5_load(tmp_path, ala_implicit):
     assert traj.n_frames == 4
     traj.save_hdf5(str(tmp_path / "x.h5"))
     assert load_trajectory(str(tmp_path / "x.h5")).n_frames == 4
+
+
+def _truncated_copy(short_md, tmp_path, n_frames_kept):
+    """short_md's DCD cut inside frame ``n_frames_kept + 1``, its header still claiming 80 (a killed writer)."""
+    data = open(short_md.trajectory_path, "rb").read()
+    frame_bytes = 3 * (4 + 22 * 4 + 4)  # x, y and z records of 22 float32, no unit cell
+    header_bytes = len(data) - 80 * frame_bytes
+    path = tmp_path / "cut.dcd"
+    path.write_bytes(data[:header_bytes + n_frames_kept * frame_bytes + 5])
+    return str(path)
+
+
+def test_truncated_dcd_is_refused_unless_allowed(tmp_path, short_md, ala_implicit):
+    path = _truncated_copy(short_md, tmp_path, 30)
+    with pytest.raises(ConfSampleError, match=r"'.*cut.dcd' is truncated: its header claims 80 frames but it holds 30"):
+        load_trajectory(path, short_md.topology_path)
+    assert dcd_header_frames(path) == 80
+    with pytest.warns(UserWarning, match="claims 80 frames; using the 30 frames"):
+        traj = load_trajectory(path, ala_implicit, allow_truncated=True)
+    assert traj.n_frames == 30
+    np.testing.assert_allclose(traj.xyz, short_md.load().xyz[:30])
+    assert load_trajectory(short_md.trajectory_path, ala_implicit).n_frames == 80  # a whole file passes
+
+
+def test_training_refuses_a_truncated_dcd(tmp_path, short_md, ala_implicit):
+    from openmm_confsample.cli import build_parser
+    from openmm_confsample.workflows import train_torsion_diffusion
+
+    path = _truncated_copy(short_md, tmp_path, 30)
+    with pytest.raises(ConfSampleError, match="truncated"):
+        train_torsion_diffusion(ala_implicit, [path], str(tmp_path / "m.pt"), max_epochs=1, max_minutes=0.01,
+                                progress=False, plot=False)
+    assert not (tmp_path / "m.pt").exists()
+    for command in (["train", "diffusion"], ["bias"]):
+        args = build_parser().parse_args([*command, "alanine-dipeptide-implicit", "--trajectories", path, "--out",
+                                          "m.pt", "--allow-truncated"])
+        assert args.allow_truncated
+
+
+def test_angstrom_positions_are_refused_where_they_enter(tmp_path, ala_implicit):
+    from openmm import unit
+    from openmmtools import cache, states
+
+    from openmm_confsample.geometry.torsions import TorsionSet
+    from openmm_confsample.moves.mcmc import LearnedMCMCMove
+    from openmm_confsample.moves.proposals import VonMisesTorsionProposal
+    from openmm_confsample.systems import system_from_openmm
+
+    angstrom = ala_implicit.positions_nm * 10.0
+    with pytest.raises(ConfSampleError, match=r"positions of system .user-system. look like angstrom \(median bond "
+                                              r"1.* nm vs 0.1.* nm in the force field\); pass nm or a Quantity"):
+        system_from_openmm(ala_implicit.system, ala_implicit.topology, angstrom)
+    with pytest.raises(ConfSampleError, match="positions_nm look like angstrom"):
+        run_md(ala_implicit, str(tmp_path / "x"), 1.0, positions_nm=angstrom, progress=False)
+    assert not list(tmp_path.iterdir())
+    # a Quantity in angstrom is converted, not refused
+    system_from_openmm(ala_implicit.system, ala_implicit.topology, angstrom * unit.angstrom)
+    # openmmtools sampler states hold plain numbers as dimensionless: checked once per context
+    torsions = TorsionSet(ala_implicit.bonds, ala_implicit.n_atoms, ala_implicit.torsion_array)
+    move = LearnedMCMCMove(VonMisesTorsionProposal(torsions, kappa=0.5), seed=1)
+    context_cache = cache.ContextCache(platform=ala_implicit.create_context().getPlatform())
+    with pytest.raises(ConfSampleError, match="sampler state's positions look like angstrom"):
+        move.apply(ala_implicit.thermodynamic_state(), states.SamplerState(angstrom), context_cache)
+    move.apply(ala_implicit.thermodynamic_state(), states.SamplerState(ala_implicit.positions_nm), context_cache)
+
+
+def test_celsius_temperatures_are_refused(tmp_path, ala_implicit):
+    from openmm_confsample.systems import get_system
+
+    with pytest.raises(ConfSampleError, match="temperature of 27 K is outside 50-2000 K"):
+        run_md(ala_implicit, str(tmp_path / "x"), 1.0, temperature=27, progress=False)
+    with pytest.raises(ConfSampleError, match="27 K is outside"):
+        get_system("alanine-dipeptide-vacuum", temperature=27)
+    with pytest.raises(ConfSampleError, match="27 K is outside"):
+        ala_implicit.thermodynamic_state(27)
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_md_takes_a_biased_system_without_importing_bias():
+    import subprocess
+    import sys
+
+    code = ("import sys, openmm_confsample.data.md, openmm_confsample.cli; "
+            "print(any(m.startswith('openmm_confsample.bias') or m == 'torch' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -20,8 +20,8 @@ from openmm_confsample.reweight import (
     reweight_pipeline,
     template_molecule,
 )
-from openmm_confsample.systems import kT_kJ_per_mol
-from openmm_confsample.validation import plot_validation, validate_structures
+from openmm_confsample.units import kT_kJ_per_mol
+from openmm_confsample.reweight import plot_validation, validate_structures
 
 
 def _angle_difference(a, b):
@@ -177,6 +177,7 @@ def test_pipeline_with_openmm_energies(ala_implicit, targets):
     assert np.all(np.isfinite(result.energies))
     np.testing.assert_allclose(result.weights, boltzmann_weights(result.energies, result.kT))
     assert result.resampled_positions_nm.shape == (6, 22, 3)
+    assert result.summary["smiles"] == "CNC(=O)[C@H](C)NC(C)=O"  # the molecule rebuilt is ACE-ALA-NME (L)
 
 
 @pytest.mark.parametrize("angles, words", [

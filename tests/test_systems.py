@@ -6,7 +6,8 @@ from openmm import unit
 
 from openmm_confsample.errors import ConfSampleError
 from openmm_confsample.systems import (EnergyEvaluator, get_system, list_systems, resolve_system, system_from_openmm,
-                                       system_from_pdb, to_nm)
+                                       system_from_pdb)
+from openmm_confsample.units import to_nm
 
 
 @pytest.mark.parametrize("name", ["alanine-dipeptide-implicit", "alanine-dipeptide-vacuum"])

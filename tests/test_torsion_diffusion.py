@@ -115,20 +115,20 @@ def test_untrained_log_prob_normalises_on_the_torus():
     assert q.sum() * area == pytest.approx(1.0, abs=1e-3)
 
 
-def test_temperature_and_mixture_keep_density_normalised_and_consistent():
-    model = scaled_model(temperature=0.7, uniform_weight=0.2)
+def test_sampling_scale_and_mixture_keep_density_normalised_and_consistent():
+    model = scaled_model(sampling_scale=0.7, uniform_weight=0.2)
     pts, area = grid(96)
     q = np.exp(model.log_prob(pts))
     assert q.sum() * area == pytest.approx(1.0, abs=1e-3)
     assert q.min() >= 0.2 / TWO_PI**2 * (1 - 1e-12)  # the uniform floor
-    x, log_q = model.sample(400, seed=3)
+    x, log_q = model.sample_and_log_prob(400, generator=3)
     assert model.last_diagnostics["n_from_uniform"] > 40
     np.testing.assert_allclose(model.log_prob(x), log_q, atol=1e-6, rtol=0)
 
 
 def test_sample_log_prob_round_trip():
     model = scaled_model()
-    x, log_q = model.sample(1000, seed=1)
+    x, log_q = model.sample_and_log_prob(1000, generator=1)
     assert x.shape == (1000, 2) and log_q.shape == (1000,)
     assert np.all(x >= -math.pi) and np.all(x < math.pi)
     np.testing.assert_allclose(model.log_prob(x), log_q, atol=1e-6, rtol=0)
@@ -140,13 +140,13 @@ def test_sample_log_prob_round_trip():
     # the single-point path agrees with the batched one
     assert model.log_prob(x[0]) == pytest.approx(model.log_prob(x[:1])[0], abs=1e-10)
     # same seed, same draws
-    np.testing.assert_array_equal(model.sample(5, seed=7)[0], model.sample(5, seed=7)[0])
+    np.testing.assert_array_equal(model.sample(5, generator=7), model.sample(5, generator=7))
 
 
 def test_samples_follow_log_prob_chi_square():
     model = scaled_model(n_steps=12)
     n_samples, n_bins, sub = 20_000, 10, 8
-    x, _ = model.sample(n_samples, seed=11)
+    x = model.sample(n_samples, generator=11)
     counts, _, _ = np.histogram2d(x[:, 0], x[:, 1], bins=n_bins, range=[[-math.pi, math.pi]] * 2)
     pts, area = grid(n_bins * sub)
     q = np.exp(model.log_prob(pts)).reshape(n_bins, sub, n_bins, sub)
@@ -164,8 +164,8 @@ def test_non_invertible_flow_is_reported_not_dropped():
     model = scaled_model(scale=3000.0, n_steps=1)
     model.max_newton_iter = 5
     with pytest.raises(InvertibilityError, match="could not be inverted"):
-        model.sample(200, seed=0)
-    x, log_q = model.sample(200, seed=0, strict=False)
+        model.sample(200, generator=0)
+    x, log_q = model.sample_and_log_prob(200, generator=0, strict=False)
     diag = model.last_diagnostics
     assert diag["n_failed"] == np.isnan(log_q).sum() > 0
     assert diag["fraction_failed"] == pytest.approx(diag["n_failed"] / 200)
@@ -179,16 +179,16 @@ def test_lipschitz_estimate_guards_sampling():
     with pytest.raises(InvertibilityError, match="n_steps"):
         model.log_prob(np.zeros(2))
     model.n_steps = check["n_steps_required"]
-    x, log_q = model.sample(50, seed=0)
+    x, log_q = model.sample_and_log_prob(50, generator=0)
     np.testing.assert_allclose(model.log_prob(x), log_q, atol=1e-6, rtol=0)
-    model.temperature = 0.4  # a colder drift is steeper: the guard scales with 1 / temperature
-    with pytest.raises(InvertibilityError, match="temperature"):
-        model.sample(5, seed=0)
+    model.sampling_scale = 0.4  # a sharper drift is steeper: the guard scales with 1 / sampling_scale
+    with pytest.raises(InvertibilityError, match="sampling_scale"):
+        model.sample(5, generator=0)
 
 
 def test_sample_sde_shape_and_range():
     model = scaled_model()
-    x = model.sample_sde(300, steps=50, seed=0)
+    x = model.sample_sde(300, steps=50, generator=0)
     assert x.shape == (300, 2) and np.all(np.abs(x) <= math.pi)
 
 
@@ -203,6 +203,7 @@ def test_briefly_trained_model_normalises_and_records_history(tmp_path):
     assert set(model.history) == {"train_loss", "val_loss", "epoch_time_s"}
     assert len(model.history["train_loss"]) == len(model.history["val_loss"]) == 4
     assert model.metadata["invertibility"]["step_lipschitz"] <= 0.5
+    assert model.metadata["invertibility"]["fraction_outside_support"] == 0.0  # nowhere near max_stretch
     pts, area = grid(96)
     assert np.exp(model.log_prob(pts)).sum() * area == pytest.approx(1.0, abs=1e-3)
     plot_loss(model.history, tmp_path / "loss.png")
@@ -223,7 +224,7 @@ def mixture_model():
 def test_training_on_von_mises_mixture_recovers_mode_weights(mixture_model):
     history = mixture_model.history
     assert min(history["val_loss"]) < history["val_loss"][0] - 0.02
-    x, log_q = mixture_model.sample(4000, seed=5)
+    x, log_q = mixture_model.sample_and_log_prob(4000, generator=5)
     assert mixture_model.last_diagnostics["n_failed"] == 0
     # binomial standard error at n = 4000 is 0.007; "a few percent" is the model error allowed
     assert mode_of(x).mean() == pytest.approx(0.7, abs=0.03)
@@ -237,7 +238,7 @@ def test_training_on_von_mises_mixture_recovers_mode_weights(mixture_model):
 
 @pytest.mark.slow
 def test_reverse_sde_recovers_mode_weights(mixture_model):
-    x = mixture_model.sample_sde(4000, steps=200, seed=1)
+    x = mixture_model.sample_sde(4000, steps=200, generator=1)
     assert mode_of(x).mean() == pytest.approx(0.7, abs=0.05)
 
 
@@ -268,8 +269,8 @@ def test_bad_model_arguments_raise():
         model.log_prob(np.zeros((3, 3)))
     with pytest.raises(ConfSampleError, match="uniform_weight"):
         model.uniform_weight = 1.0
-    with pytest.raises(ConfSampleError, match="temperature"):
-        model.temperature = 0.0
+    with pytest.raises(ConfSampleError, match="sampling_scale"):
+        model.sampling_scale = 0.0
     with pytest.raises(ConfSampleError, match="n_steps"):
         model.n_steps = 0
     with pytest.raises(ConfSampleError, match="n must"):
@@ -287,7 +288,7 @@ def test_bad_model_arguments_raise():
 
 
 def test_checkpoint_round_trip_gives_identical_log_prob(tmp_path):
-    model = scaled_model(temperature=1.3, uniform_weight=0.05)
+    model = scaled_model(sampling_scale=1.3, uniform_weight=0.05)
     model.history = {"train_loss": [1.0, 0.5], "val_loss": [1.1, 0.6]}
     meta = {
         "torsions": [{"name": "phi", "atoms": [4, 6, 8, 14]}, ("psi", (6, 8, 14, 16))],
@@ -325,6 +326,12 @@ def test_checkpoint_errors(tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     with pytest.raises(ConfSampleError, match="format version"):
         checkpoint.load_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(ConfSampleError, match=r"written by openmm-confsample .*: upgrade openmm-confsample"):
+        checkpoint.load_checkpoint(tmp_path / "future.pt")
+    payload["format_version"] = "1"
+    torch.save(payload, tmp_path / "odd.pt")
+    with pytest.raises(ConfSampleError, match="not a format this package knows"):
+        checkpoint.load_checkpoint(tmp_path / "odd.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfSampleError, match="could not be read"):
         checkpoint.load_checkpoint(tmp_path / "junk.pt")
@@ -348,10 +355,10 @@ def test_noise_schedule_endpoints():
 
 
 def test_closed_form_jacobian_matches_autograd():
-    from openmm_confsample.models.torsion_diffusion import _NumpyDrift
+    from openmm_confsample.models.torsion_diffusion.flow import NumpyDrift
 
     model = scaled_model(scale=5.0)
-    drift = _NumpyDrift(model.network, model.schedule, n_steps=7, temperature=1.0)
+    drift = NumpyDrift(model.network, model.schedule, n_steps=7, sampling_scale=1.0)
     net64 = __import__("copy").deepcopy(model.network).double()
     x = np.random.default_rng(0).uniform(-math.pi, math.pi, (5, 2))
     for n in (0, 3, 6):
@@ -375,9 +382,91 @@ def test_other_torsion_counts(k):
         net.out.weight.mul_(20.0)
     model = TorsionDiffusionModel(net, n_steps=10)
     assert model.check_invertibility()["invertible"]
-    x, log_q = model.sample(300, seed=0)
+    x, log_q = model.sample_and_log_prob(300, generator=0)
     assert x.shape == (300, k)
     np.testing.assert_allclose(model.log_prob(x), log_q, atol=1e-6, rtol=0)
     if k == 1:
         pts = (-math.pi + TWO_PI * (np.arange(512) + 0.5) / 512)[:, None]
         assert np.exp(model.log_prob(pts)).sum() * TWO_PI / 512 == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# issue 13.6: every draw's log q is reproduced by log_prob, or the draw is refused
+
+
+def sharp_model(weight_scale: float) -> TorsionDiffusionModel:
+    """The issue's model: every weight of a small network multiplied, n_steps as check_invertibility asks."""
+    torch.manual_seed(0)
+    net = ScoreNetwork(2, hidden=16, n_layers=2)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.mul_(weight_scale)
+    model = TorsionDiffusionModel(net, n_steps=20)
+    model.n_steps = max(20, model.check_invertibility()["n_steps_required"])
+    return model
+
+
+@pytest.mark.parametrize("weight_scale", [3.0, 8.0])
+def test_sharp_models_reproduce_log_q_or_refuse_the_draw(weight_scale):
+    # Before the fix, weights x8 (n_steps 575, every Euler step a bijection) returned 512 draws without
+    # complaint, and log_prob differed from their log q by up to 6.1 nats on 439 of them: the decoded
+    # points were not preimages of their latents (the map stretches by 1e8-1e10 there).
+    model = sharp_model(weight_scale)
+    x, log_q = model.sample_and_log_prob(512, generator=0, strict=False)
+    refused = np.isnan(log_q)
+    assert model.last_diagnostics["n_failed"] == refused.sum()
+    kept = np.flatnonzero(~refused)
+    assert kept.size > 0
+    np.testing.assert_allclose(model.log_prob(x[kept]), log_q[kept], atol=1e-6, rtol=0)
+    single = np.array([model.log_prob(x[i]) for i in kept[:40]])  # the path the move takes for its current state
+    np.testing.assert_allclose(single, log_q[kept[:40]], atol=1e-6, rtol=0)
+    z = np.random.default_rng(1).uniform(-math.pi, math.pi, (128, 2))
+    decoded, log_det = model.decode(z, strict=False)
+    ok = np.isfinite(log_det)  # decode(z) is a preimage of z wherever it is not refused
+    assert np.max(np.abs(torus.wrap(model.encode(decoded[ok])[0] - z[ok]))) <= model.latent_tol
+    if weight_scale == 3.0:
+        assert not refused.any()
+        return
+    assert refused.mean() > 0.5  # too sharp for float64 over most of where it puts its mass
+    with pytest.raises(InvertibilityError, match="could not be inverted exactly"):
+        model.sample(512, generator=0)
+    # Refused for being too stretched means outside the support: log_prob is -inf there too, so a current
+    # state there is never left by this proposal (its reverse move could never be proposed).
+    ill = model.stretch(x[refused]) > model.max_stretch
+    assert ill.mean() > 0.9
+    assert np.all(np.isneginf(model.log_prob(x[refused][ill])))
+
+
+def test_model_follows_the_density_protocol():
+    from openmm_confsample.models.protocol import Density
+
+    model = scaled_model(uniform_weight=0.1)
+    assert isinstance(model, Density)
+    rng = np.random.default_rng(4)
+    x, log_q = model.sample_and_log_prob(30, generator=rng)
+    assert x.shape == (30, 2) and log_q.shape == (30,)
+    np.testing.assert_array_equal(model.sample(30, generator=9), model.sample_and_log_prob(30, generator=9)[0])
+    np.testing.assert_array_equal(model.sample(30, generator=np.random.default_rng(9)), model.sample(30, generator=9))
+    with pytest.raises(ConfSampleError, match="generator"):
+        model.sample(3, generator="zero")
+
+
+def test_checkpoint_of_the_first_format_loads_with_its_temperature_as_sampling_scale(tmp_path):
+    model = scaled_model(sampling_scale=1.3)
+    path = model.save(tmp_path / "new.pt")
+    payload = torch.load(path, weights_only=True)
+    config = payload["config"]
+    config["temperature"] = config.pop("sampling_scale")  # the layout of format version 1
+    del config["latent_tol"], config["max_stretch"]
+    payload["format_version"] = 1
+    torch.save(payload, tmp_path / "old.pt")
+    old = TorsionDiffusionModel.load(tmp_path / "old.pt")
+    assert old.sampling_scale == 1.3 and "temperature" not in old.config
+    pts = np.random.default_rng(0).uniform(-math.pi, math.pi, (20, 2))
+    np.testing.assert_array_equal(old.log_prob(pts), model.log_prob(pts))
+
+    from openmm_confsample.models import shipped_model_path
+
+    shipped = TorsionDiffusionModel.load(shipped_model_path())  # format version 1, as shipped
+    assert shipped.sampling_scale == 1.0
+    assert checkpoint.load_checkpoint(shipped_model_path())["format_version"] == 1

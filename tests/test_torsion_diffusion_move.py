@@ -1,4 +1,5 @@
-"""TorsionDiffusionMove: exact whatever the training (untrained and trained), in every adapter."""
+"""TorsionDiffusionMove: exact whatever the training (untrained and trained), in every adapter; the torsion-resampling
+proposal it is made of, exact with any density of the protocol (here a von Mises mixture), refusals included."""
 
 import numpy as np
 import openmm
@@ -8,16 +9,18 @@ import torch
 import yaml
 from openmm import unit
 from openmmtools import cache, mcmc
+from scipy.special import i0e, logsumexp
 
+from openmm_confsample.checks import as_generator, wrap_angle
 from openmm_confsample.errors import ConfSampleError
-from openmm_confsample.geometry.torsions import dihedral_angles
+from openmm_confsample.geometry.torsions import TorsionSet, dihedral_angles
 from openmm_confsample.models.torsion_diffusion import ScoreNetwork, TorsionDiffusionModel, TorsionDiffusionTrainer
 from openmm_confsample.moves import model_cache
 from openmm_confsample.moves.engine import MetropolisHastingsEngine
-from openmm_confsample.moves.mcmc import LearnedMCMCMove
 from openmm_confsample.moves.replica import LearnedMoveReplicaExchangeSampler
 from openmm_confsample.moves.reporter import LearnedMoveReporter
 from openmm_confsample.moves.torsion_diffusion import TorsionDiffusionMove
+from openmm_confsample.moves.torsion_resampling import TorsionResamplingProposal
 from openmm_confsample.testing import (WithoutHastings, chi_square_test, four_atom_torsion_system, run_chain,
                                        torsion_bin_probabilities)
 
@@ -58,7 +61,7 @@ def test_untrained_model_move_is_exact(chain):
 
 def test_trained_model_move_is_exact_and_control_fails(chain, trained_on_wrong_place):
     model = trained_on_wrong_place
-    assert np.mean(np.abs(model.sample(2000, seed=0)[0] - 1.0) < 0.6) > 0.6  # it learned its (wrong) place
+    assert np.mean(np.abs(model.sample(2000, generator=0) - 1.0) < 0.6) > 0.6  # it learned its (wrong) place
     move = TorsionDiffusionMove(model, chain, seed=2)
     result = run_chain(chain, move, 12000, _phi(chain))
     test = chi_square_test(result.observable, EDGES, torsion_bin_probabilities(EDGES))
@@ -120,3 +123,91 @@ def test_model_for_another_system_is_refused(ala_model, chain):
         TorsionDiffusionMove(ala_model, chain)
     with pytest.raises(ConfSampleError, match="does not exist"):
         TorsionDiffusionMove("/nonexistent/model.pt", chain)
+
+
+# ---------------------------------------------------------------------------------------
+# the generic torsion-resampling proposal, filled by a density that is not a diffusion model
+
+
+class VonMisesMixtureDensity:
+    """A mixture of products of von Mises distributions with the calls of models.protocol.Density."""
+
+    def __init__(self, centres, kappas, weights):
+        self.centres, self.kappas = np.atleast_2d(centres), np.atleast_2d(kappas)
+        self.weights = np.asarray(weights, dtype=float) / np.sum(weights)
+
+    def log_prob(self, x):
+        x = np.asarray(x, dtype=float)[:, None, :]
+        per_component = self.kappas * (np.cos(x - self.centres) - 1.0) - np.log(2.0 * np.pi * i0e(self.kappas))
+        return logsumexp(per_component.sum(axis=-1) + np.log(self.weights), axis=-1)
+
+    def sample(self, n, generator=None):
+        rng = as_generator(generator, "generator")
+        component = rng.choice(len(self.weights), size=n, p=self.weights)
+        return wrap_angle(rng.vonmises(self.centres[component], self.kappas[component]))
+
+    def sample_and_log_prob(self, n, generator=None):
+        x = self.sample(n, generator)
+        return x, self.log_prob(x)
+
+
+class RefusingDensity(VonMisesMixtureDensity):
+    """Refuses its draws with |phi| > 2.6 (log q = NaN), as a too-sharp flow does; with ``symmetric`` its
+    log_prob is -inf there too (outside the support), as TorsionDiffusionModel's is beyond max_stretch."""
+
+    def __init__(self, symmetric: bool):
+        super().__init__([[1.0], [-2.0]], [[3.0], [1.0]], [0.8, 0.2])
+        self.symmetric = symmetric
+
+    def log_prob(self, x):
+        log_q = super().log_prob(x)
+        return np.where(np.abs(np.asarray(x)[:, 0]) > 2.6, -np.inf, log_q) if self.symmetric else log_q
+
+    def sample_and_log_prob(self, n, generator=None):
+        x = self.sample(n, generator)
+        return x, np.where(np.abs(x[:, 0]) > 2.6, np.nan, super().log_prob(x))
+
+
+def _chain_torsions(chain):
+    return TorsionSet(chain.bonds, chain.n_atoms, chain.torsion_array)
+
+
+def test_resampling_proposal_is_exact_with_a_von_mises_density_and_control_fails(chain):
+    density = VonMisesMixtureDensity([[1.0], [-2.0]], [[3.0], [1.0]], [0.8, 0.2])  # weight far from the chain's
+    proposal = TorsionResamplingProposal(density, _chain_torsions(chain))
+    result = run_chain(chain, MetropolisHastingsEngine(proposal, seed=2), 12000, _phi(chain))
+    test = chi_square_test(result.observable, EDGES, torsion_bin_probabilities(EDGES))
+    assert test.p_value > 1e-3, test
+    assert proposal.n_density_evaluations == 1  # no MD: the current state is always the last accepted draw
+    control = TorsionResamplingProposal(density, _chain_torsions(chain))
+    control_result = run_chain(chain, MetropolisHastingsEngine(WithoutHastings(control), seed=2), 12000, _phi(chain))
+    assert chi_square_test(control_result.observable, EDGES, torsion_bin_probabilities(EDGES)).p_value < 1e-6
+
+
+@pytest.mark.slow
+def test_refused_draws_keep_the_move_exact_only_when_log_prob_refuses_the_same_states(chain):
+    # With MD between moves, states where draws are refused are entered by MD. If log_prob is -inf there,
+    # moves out of them are impossible, as are moves into them: exact (p = 0.78 at 12,000 steps). If
+    # log_prob stays finite there, the chain leaves them by moves it never makes back: p = 1.6e-13 at 6,000.
+    for symmetric in (True, False):
+        engine = MetropolisHastingsEngine(TorsionResamplingProposal(RefusingDensity(symmetric), _chain_torsions(chain)),
+                                          seed=3)
+        result = run_chain(chain, engine, 8000, _phi(chain), md_steps=5)
+        p_value = chi_square_test(result.observable, EDGES, torsion_bin_probabilities(EDGES)).p_value
+        stats = result.statistics
+        assert stats["n_nonfinite"] > 0  # refused draws: rejected before any energy
+        if symmetric:
+            assert stats["n_impossible"] > 0 and p_value > 1e-3, p_value
+        else:
+            assert stats["n_impossible"] == 0 and p_value < 1e-6, p_value
+
+
+def test_resampling_proposal_checks_its_density(chain):
+    with pytest.raises(ConfSampleError, match="models.protocol.Density"):
+        TorsionResamplingProposal(object(), _chain_torsions(chain))
+    with pytest.raises(ConfSampleError, match="buffer_size"):
+        TorsionResamplingProposal(VonMisesMixtureDensity([[0.0]], [[1.0]], [1.0]), _chain_torsions(chain), 0)
+    two = VonMisesMixtureDensity([[0.0, 0.0]], [[1.0, 1.0]], [1.0])
+    proposal = TorsionResamplingProposal(two, _chain_torsions(chain))
+    with pytest.raises(ConfSampleError, match="returned shapes"):
+        proposal.propose(chain.positions_nm, 1, np.random.default_rng(0))

@@ -20,6 +20,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from openmm_confsample.checks import positive_float
 from openmm_confsample.errors import ConfSampleError
 from openmm_confsample.analysis.statistics import (
     _as_angles,
@@ -62,13 +63,7 @@ RAMACHANDRAN_REGIONS: Dict[str, list] = {
 
 
 def _check_kT(kT) -> float:
-    try:
-        value = float(kT)
-    except (TypeError, ValueError):
-        raise ConfSampleError(f"Argument 'kT' must be a positive number, got {kT!r}.") from None
-    if not np.isfinite(value) or value <= 0:
-        raise ConfSampleError(f"Argument 'kT' must be a positive number, got {kT!r}.")
-    return value
+    return positive_float(kT, "kT")
 
 
 def _ratio_free_energy(p_a: float, p_b: float, kT: float) -> float:

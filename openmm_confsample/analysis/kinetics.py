@@ -21,6 +21,7 @@ from typing import List, Sequence, Union
 
 import numpy as np
 
+from openmm_confsample.checks import positive_float
 from openmm_confsample.errors import ConfSampleError
 from openmm_confsample.analysis.statistics import _as_angles, _as_samples, _positive_int
 
@@ -199,12 +200,7 @@ def implied_timescales(
 
     n_clusters = _positive_int(n_clusters, "n_clusters", minimum=2)
     n_timescales = _positive_int(n_timescales, "n_timescales")
-    try:
-        dt_ps = float(dt_ps)
-    except (TypeError, ValueError):
-        raise ConfSampleError(f"Argument 'dt_ps' must be a positive number, got {dt_ps!r}.") from None
-    if not np.isfinite(dt_ps) or dt_ps <= 0:
-        raise ConfSampleError(f"Argument 'dt_ps' must be a positive number, got {dt_ps!r}.")
+    dt_ps = positive_float(dt_ps, "dt_ps")
     lags = np.atleast_1d(np.asarray(lagtimes))
     if lags.ndim != 1 or lags.size == 0 or not np.issubdtype(lags.dtype, np.integer) or np.any(lags < 1):
         raise ConfSampleError("Argument 'lagtimes' must be a non-empty sequence of integers >= 1.")

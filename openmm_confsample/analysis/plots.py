@@ -27,6 +27,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from openmm_confsample.checks import positive_float
 from openmm_confsample.errors import ConfSampleError
 from openmm_confsample.analysis.free_energy import (
     _check_kT,
@@ -80,15 +81,7 @@ def _check_mapping(data, name: str) -> Mapping:
 
 
 def _check_vmax(vmax) -> Optional[float]:
-    if vmax is None:
-        return None
-    try:
-        value = float(vmax)
-    except (TypeError, ValueError):
-        raise ConfSampleError(f"Argument 'vmax' must be a positive number, got {vmax!r}.") from None
-    if not np.isfinite(value) or value <= 0:
-        raise ConfSampleError(f"Argument 'vmax' must be a positive number, got {vmax!r}.")
-    return value
+    return None if vmax is None else positive_float(vmax, "vmax")
 
 
 def _finite_max(*grids: np.ndarray) -> float:
@@ -514,13 +507,11 @@ def plot_implied_timescales(
     lags = _as_series(lagtimes, "lagtimes")
     if np.any(lags <= 0):
         raise ConfSampleError("Argument 'lagtimes' must be positive.")
+    dt_ps = positive_float(dt_ps, "dt_ps")
     try:
         ts = np.asarray(timescales, dtype=float)
-        dt_ps = float(dt_ps)
     except (TypeError, ValueError):
-        raise ConfSampleError("Arguments 'timescales' and 'dt_ps' must be numeric.") from None
-    if not np.isfinite(dt_ps) or dt_ps <= 0:
-        raise ConfSampleError(f"Argument 'dt_ps' must be a positive number, got {dt_ps!r}.")
+        raise ConfSampleError("Argument 'timescales' must be numeric.") from None
     if ts.ndim == 1:
         ts = ts[:, None]
     if ts.ndim != 2 or ts.shape[0] != lags.shape[0]:

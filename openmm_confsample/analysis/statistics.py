@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from openmm_confsample.checks import positive_float, positive_int as _positive_int
 from openmm_confsample.errors import ConfSampleError
 
 __all__ = [
@@ -43,39 +44,30 @@ __all__ = [
 
 def _as_series(x, name: str, min_length: int = 1) -> np.ndarray:
     """A finite 1-D float array of at least ``min_length`` samples, or ConfSampleError."""
-    try:
-        arr = np.asarray(x, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ConfSampleError(f"Argument '{name}' must be a 1-D array of numbers ({exc}).") from None
-    if arr.ndim != 1:
-        raise ConfSampleError(
-            f"Argument '{name}' must be a 1-D array of samples, got shape {arr.shape}."
-        )
-    if arr.shape[0] < min_length:
-        raise ConfSampleError(
-            f"Argument '{name}' needs at least {min_length} samples, got {arr.shape[0]}."
-        )
-    if not np.all(np.isfinite(arr)):
-        raise ConfSampleError(f"Argument '{name}' contains NaN or infinite values.")
-    return arr
+    return _finite_samples(x, name, min_length, series=True)
 
 
 def _as_samples(x, name: str, min_length: int = 1) -> np.ndarray:
     """A finite (N, d) float array (a 1-D input becomes (N, 1)), or ConfSampleError."""
+    return _finite_samples(x, name, min_length, series=False)
+
+
+def _finite_samples(x, name: str, min_length: int, series: bool) -> np.ndarray:
     try:
         arr = np.asarray(x, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise ConfSampleError(f"Argument '{name}' must be an array of numbers ({exc}).") from None
-    if arr.ndim == 1:
+        kind = "a 1-D array of numbers" if series else "an array of numbers"
+        raise ConfSampleError(f"Argument '{name}' must be {kind} ({exc}).") from None
+    if not series and arr.ndim == 1:
         arr = arr[:, None]
-    if arr.ndim != 2:
+    if series and arr.ndim != 1:
+        raise ConfSampleError(f"Argument '{name}' must be a 1-D array of samples, got shape {arr.shape}.")
+    if not series and arr.ndim != 2:
         raise ConfSampleError(
             f"Argument '{name}' must have shape (n_samples,) or (n_samples, n_dims), got {arr.shape}."
         )
     if arr.shape[0] < min_length:
-        raise ConfSampleError(
-            f"Argument '{name}' needs at least {min_length} samples, got {arr.shape[0]}."
-        )
+        raise ConfSampleError(f"Argument '{name}' needs at least {min_length} samples, got {arr.shape[0]}.")
     if not np.all(np.isfinite(arr)):
         raise ConfSampleError(f"Argument '{name}' contains NaN or infinite values.")
     return arr
@@ -123,12 +115,6 @@ def _check_same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -
             f"Arguments '{name_a}' and '{name_b}' must have the same number of samples, "
             f"got {a.shape[0]} and {b.shape[0]}."
         )
-
-
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfSampleError(f"Argument '{name}' must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 # --------------------------------------------------------------------------------------
@@ -245,13 +231,7 @@ def ess_per_second(x, wall_seconds: float) -> float:
     wall_seconds : float, s
         Wall-clock time spent producing ``x``; must be positive.
     """
-    try:
-        seconds = float(wall_seconds)
-    except (TypeError, ValueError):
-        raise ConfSampleError(f"Argument 'wall_seconds' must be a number, got {wall_seconds!r}.") from None
-    if not np.isfinite(seconds) or seconds <= 0:
-        raise ConfSampleError(f"Argument 'wall_seconds' must be positive and finite, got {wall_seconds!r}.")
-    return effective_sample_size(x) / seconds
+    return effective_sample_size(x) / positive_float(wall_seconds, "wall_seconds")
 
 
 # --------------------------------------------------------------------------------------

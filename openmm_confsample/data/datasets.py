@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import positive_float
 from ..errors import ConfSampleError
 from ..systems import MolecularSystem
 
@@ -81,10 +82,7 @@ class PairDataset:
 
 def lag_in_frames(tau_ps: float, save_interval_ps: float) -> int:
     """The lag in frames; raises when tau is not a positive multiple of the save interval."""
-    if not np.isfinite(tau_ps) or tau_ps <= 0:
-        raise ConfSampleError(f"tau_ps must be positive, got {tau_ps}.")
-    if not np.isfinite(save_interval_ps) or save_interval_ps <= 0:
-        raise ConfSampleError(f"save_interval_ps must be positive, got {save_interval_ps}.")
+    tau_ps, save_interval_ps = positive_float(tau_ps, "tau_ps"), positive_float(save_interval_ps, "save_interval_ps")
     ratio = tau_ps / save_interval_ps
     if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
         raise ConfSampleError(

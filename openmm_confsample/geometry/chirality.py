@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfSampleError
+from ..units import to_nm
 
 __all__ = ["find_stereocentres", "chirality_signs"]
 
@@ -68,8 +69,6 @@ def find_stereocentres(topology, positions_nm) -> np.ndarray:
     [8]
     """
     from rdkit import Chem
-
-    from ..systems import to_nm
 
     positions_nm = to_nm(positions_nm, "positions_nm")
     if len(positions_nm) != topology.getNumAtoms():

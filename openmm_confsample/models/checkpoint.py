@@ -4,7 +4,7 @@ A checkpoint is a plain dict written with :func:`torch.save` and read back with
 ``weights_only=True`` (no pickled code runs on load)::
 
     {
-        "format_version": 1,
+        "format_version": 2,
         "kind": "torsion_diffusion",          # which model class can read it
         "package_version": "0.1.0",           # openmm_confsample.__version__ at save time
         "config": {...},                      # constructor arguments of the network/model
@@ -18,6 +18,13 @@ A checkpoint is a plain dict written with :func:`torch.save` and read back with
             ...                                     # any further JSON-like entries
         },
     }
+
+Compatibility is decided by ``format_version`` alone, an integer bumped whenever an older reader could
+not follow the file: a package reads every version from :data:`MIN_FORMAT_VERSION` to
+:data:`FORMAT_VERSION` and refuses others in one sentence naming the package version that wrote the file.
+Version 1: the first release (the shipped models). Version 2: a torsion diffusion model stores its
+sampling divisor as ``config['sampling_scale']`` (``'temperature'`` in version 1, mapped on load) and
+its ``latent_tol`` and ``max_stretch``; a version-1 reader would fail on those keys.
 
 Only JSON-like values (dict, list, str, int, float, bool, None) and tensors may appear,
 so the file stays loadable with ``weights_only=True``; numpy scalars and arrays are
@@ -34,10 +41,12 @@ import torch
 
 from ..errors import ConfSampleError
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "normalize_torsions"]
+__all__ = ["FORMAT_VERSION", "MIN_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "normalize_torsions"]
 
 #: Bumped whenever the layout above changes in a way an older reader cannot follow.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The oldest format this package still reads.
+MIN_FORMAT_VERSION = 1
 
 _STANDARD_METADATA = {
     "torsions": [],
@@ -181,10 +190,14 @@ def load_checkpoint(path, kind: str | None = None) -> dict:
     if not isinstance(payload, dict) or "format_version" not in payload or "kind" not in payload:
         raise ConfSampleError(f"checkpoint file {str(path)!r} is not an openmm-confsample checkpoint.")
     version = payload["format_version"]
-    if version != FORMAT_VERSION:
+    known = isinstance(version, int) and not isinstance(version, bool)
+    if not (known and MIN_FORMAT_VERSION <= version <= FORMAT_VERSION):
+        newer = known and version > FORMAT_VERSION
+        advice = "upgrade openmm-confsample to load it" if newer else "it is not a format this package knows"
         raise ConfSampleError(
-            f"checkpoint file {str(path)!r} has format version {version}, this package reads "
-            f"version {FORMAT_VERSION}."
+            f"checkpoint file {str(path)!r} has format version {version!r} (written by openmm-confsample "
+            f"{payload.get('package_version', 'unknown')}); this package ({_package_version()}) reads format "
+            f"versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION}: {advice}."
         )
     if kind is not None and payload["kind"] != kind:
         raise ConfSampleError(

@@ -2,14 +2,15 @@
 
 from .engine import MetropolisHastingsEngine, MoveResult, Proposal, ProposalBatch
 from .mcmc import LearnedMCMCMove
-from .proposals import (GaussianDisplacementProposal, VonMisesMixtureProposal, VonMisesTorsionProposal,
-                        alanine_basin_proposal)
+from .proposals import GaussianDisplacementProposal, VonMisesMixtureProposal, VonMisesTorsionProposal
 from .replica import LearnedMoveReplicaExchangeSampler
 from .reporter import LearnedMoveReporter, apply_learned_move
 from .timewarp import TimewarpMove, TimewarpProposal
 from .torsion_diffusion import TorsionDiffusionMove, TorsionDiffusionProposal
+from .torsion_resampling import TorsionResamplingProposal
 
 __all__ = ["MetropolisHastingsEngine", "MoveResult", "Proposal", "ProposalBatch", "LearnedMCMCMove",
            "GaussianDisplacementProposal", "VonMisesMixtureProposal", "VonMisesTorsionProposal",
-           "alanine_basin_proposal", "LearnedMoveReplicaExchangeSampler", "LearnedMoveReporter", "apply_learned_move",
-           "TimewarpMove", "TimewarpProposal", "TorsionDiffusionMove", "TorsionDiffusionProposal"]
+           "LearnedMoveReplicaExchangeSampler", "LearnedMoveReporter", "apply_learned_move",
+           "TimewarpMove", "TimewarpProposal", "TorsionDiffusionMove", "TorsionDiffusionProposal",
+           "TorsionResamplingProposal"]

@@ -35,12 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import openmm
-from openmm import unit
 
 from ..errors import ConfSampleError
+from ..units import KJ_PER_MOL as _KJ, NM as _NM
 
-_KJ = unit.kilojoule_per_mole
-_NM = unit.nanometer
 
 
 @dataclass

@@ -22,7 +22,7 @@ from openmmtools import mcmc
 
 from ..checks import positive_int
 from ..errors import ConfSampleError
-from ..units import kT_of
+from ..units import check_position_scale, kT_of
 from .engine import MetropolisHastingsEngine, Proposal
 
 #: The proposal classes a stored move may name (module path as written by ``__getstate__``). A stored
@@ -115,6 +115,9 @@ class LearnedMCMCMove(mcmc.MCMCMove):
         """Apply ``n_attempts`` MH steps to ``sampler_state`` (positions updated in place; velocities kept)."""
         context_cache = self._get_context_cache(context_cache)
         context, _ = context_cache.get_context(thermodynamic_state)
+        if getattr(self, "_scale_checked_context", None) is not context:  # once per context: cheap
+            check_position_scale(context.getSystem(), sampler_state.positions, "the sampler state's positions")
+            self._scale_checked_context = context
         sampler_state.apply_to_context(context, ignore_velocities=True)
         kT = kT_of(thermodynamic_state)
         positions = energy = None

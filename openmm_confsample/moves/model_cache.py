@@ -24,6 +24,18 @@ def model_key(model, path: str | None = None) -> str:
     return key
 
 
+def resolve(model, loader) -> tuple[object, str]:
+    """``(model, key)`` for a model object or its checkpoint path (loaded once per process with ``loader``).
+
+    A loaded model's ``checkpoint_path`` attribute, when set, is its key, so deserialized moves find it again.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        key = os.fspath(model)
+        key = key if key.startswith("memory:") else os.path.abspath(key)
+        return get_model(key, loader), key
+    return model, model_key(model, getattr(model, "checkpoint_path", None))
+
+
 def get_model(key: str, loader):
     """The model cached under ``key``, loading it with ``loader(path)`` the first time."""
     with _LOCK:

@@ -196,13 +196,3 @@ class VonMisesMixtureProposal(Proposal):
     def from_config(cls, config):
         return cls(torsion_set_from_config(config), config["centers"], config["kappas"], config["weights"])
 
-
-#: Basin centres (phi, psi) in degrees of alanine dipeptide: C7eq/beta, PII, alpha_R, alpha_L, C7ax.
-ALANINE_BASINS_DEG = ((-80.0, 150.0), (-70.0, 140.0), (-75.0, -40.0), (60.0, 40.0), (70.0, -60.0))
-
-
-def alanine_basin_proposal(torsion_set: TorsionSet, kappa: float = 3.0, weights=None) -> VonMisesMixtureProposal:
-    """A broad mixture over the known alanine-dipeptide basins (phi/psi torsion set)."""
-    if len(torsion_set) != 2:
-        raise ConfSampleError(f"alanine_basin_proposal needs the two torsions phi and psi, got {len(torsion_set)}.")
-    return VonMisesMixtureProposal(torsion_set, np.deg2rad(ALANINE_BASINS_DEG), kappa, weights)

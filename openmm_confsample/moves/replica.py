@@ -11,9 +11,9 @@ from __future__ import annotations
 from openmm import unit
 
 from ..errors import ConfSampleError
-from ..systems import kT_kJ_per_mol
+from ..units import kT_kJ_per_mol
 from .engine import MetropolisHastingsEngine
-from .reporter import _as_engine, run_engine_steps
+from ..runner import as_engine, run_engine_steps
 
 try:
     from openmm.app import ReplicaExchangeSampler as _NativeReplicaExchangeSampler
@@ -53,7 +53,7 @@ if _NativeReplicaExchangeSampler is not None:
                         "only temperature and context-parameter states are supported."
                     )
             super().__init__(states, simulation, stepsPerIteration, reinitializeVelocities)
-            engine = _as_engine(move)
+            engine = as_engine(move)
             # One engine (statistics, random stream) per state; the proposal and its model are shared.
             self.engines = [MetropolisHastingsEngine(engine.proposal, engine.n_proposals, rng)
                             for rng in engine.rng.spawn(len(states))]

@@ -14,26 +14,13 @@ Velocities: after an accepted move the half-step velocities of leapfrog integrat
 
 from __future__ import annotations
 
-import numpy as np
 import openmm
 from openmm import unit
 
 from ..checks import positive_int
 from ..errors import ConfSampleError
-from ..systems import kT_kJ_per_mol, to_kelvin
-from .engine import MetropolisHastingsEngine, Proposal
-from ..runner import HALF_STEP_INTEGRATORS, run_engine_steps  # noqa: F401  (public here too)
-
-def _as_engine(move) -> MetropolisHastingsEngine:
-    """Accept a Proposal, an engine, or a LearnedMCMCMove (anything with an ``engine``)."""
-    if isinstance(move, MetropolisHastingsEngine):
-        return move
-    if isinstance(move, Proposal):
-        return MetropolisHastingsEngine(move)
-    engine = getattr(move, "engine", None)
-    if isinstance(engine, MetropolisHastingsEngine):
-        return engine
-    raise ConfSampleError(f"move must be a LearnedMCMCMove, MetropolisHastingsEngine or Proposal, got {type(move).__name__}.")
+from ..units import kT_kJ_per_mol, to_kelvin
+from ..runner import HALF_STEP_INTEGRATORS, as_engine, run_engine_steps  # noqa: F401  (public here too)
 
 
 def _kT_for(context: openmm.Context, temperature) -> float:
@@ -64,7 +51,7 @@ def apply_learned_move(context: openmm.Context, move, temperature=None, n_attemp
         Target temperature; by default the integrator's (``getTemperature()``).
     """
     n_attempts = positive_int(n_attempts, "n_attempts")
-    return run_engine_steps(context, _as_engine(move), _kT_for(context, temperature), n_attempts)
+    return run_engine_steps(context, as_engine(move), _kT_for(context, temperature), n_attempts)
 
 
 class LearnedMoveReporter:
@@ -86,7 +73,7 @@ class LearnedMoveReporter:
     """
 
     def __init__(self, move, interval: int, n_attempts: int = 1, temperature=None):
-        self.engine = _as_engine(move)
+        self.engine = as_engine(move)
         self.interval = positive_int(interval, "interval")
         self.n_attempts = positive_int(n_attempts, "n_attempts")
         # Checked here, not at the first report deep inside simulation.step().

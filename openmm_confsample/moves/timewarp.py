@@ -1,8 +1,9 @@
 """Timewarp: conditional-flow proposals x(t) -> x(t + tau), exact MH in the augmented space.
 
-The flow draws (x', v') ~ p(. | x), with auxiliary velocities v' in the latent's units. Before each step a
-fresh v ~ N(0, I) is drawn for the current state (a Gibbs refresh: the target is pi(x) N(v)), and the
-candidate is accepted with
+The flow draws y = (x', v') ~ p(. | x) through the conditional density protocol
+(``model.sample_and_log_prob(x, n, generator=rng)``: one numpy generator drives the whole chain), with
+auxiliary velocities v' in the latent's units. Before each step a fresh v ~ N(0, I) is drawn for the current
+state (a Gibbs refresh: the target is pi(x) N(v)), and the candidate is accepted with
 
     min(1, exp(-(u(x') - u(x)) - (K(v') - K(v)) + log p(x, v | x') - log p(x', v' | x))),   K(v) = |v|^2 / 2,
 
@@ -18,22 +19,15 @@ rejected without an energy evaluation; the reverse move of any accepted one is i
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import torch
 
 from ..errors import ConfSampleError
 from ..geometry.chirality import chirality_signs, find_stereocentres
-from ..models.timewarp import TimewarpModel
+from ..models.timewarp import AugmentedState, TimewarpModel
 from ..systems import MolecularSystem
 from . import model_cache
 from .engine import Proposal, ProposalBatch
 from .mcmc import LearnedMCMCMove
-
-
-def _load(path):
-    return TimewarpModel.load(path)
 
 
 class TimewarpProposal(Proposal):
@@ -53,12 +47,7 @@ class TimewarpProposal(Proposal):
     cartesian = True
 
     def __init__(self, model, molecular_system: MolecularSystem | None = None, stereocentres=None):
-        if isinstance(model, str):
-            self.model_key = model if model.startswith("memory:") else os.path.abspath(model)
-            self.model = model_cache.get_model(self.model_key, _load)
-        else:
-            self.model = model
-            self.model_key = model_cache.model_key(model, getattr(model, "source", None))
+        self.model, self.model_key = model_cache.resolve(model, TimewarpModel.load)
         if not isinstance(self.model, TimewarpModel):
             raise ConfSampleError(f"model must be a TimewarpModel, got {type(self.model).__name__}.")
         if molecular_system is not None:
@@ -69,8 +58,8 @@ class TimewarpProposal(Proposal):
         self.stereocentres = np.asarray([] if stereocentres is None else stereocentres, dtype=int).reshape(-1, 4)
 
     def propose(self, positions_nm, n_proposals, rng):
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        x_new, v_new, log_p_forward = self.model.sample(positions_nm, n_proposals, generator)
+        y, log_p_forward = self.model.sample_and_log_prob(positions_nm, n_proposals, generator=rng)
+        x_new = y.x
         v_current = rng.standard_normal(x_new.shape)
         # A flow in internal coordinates returns NaN for draws outside its support (a torsion change of pi or
         # more, a negative bond): those are rejected proposals, never evaluated.
@@ -78,9 +67,10 @@ class TimewarpProposal(Proposal):
         x_new[~inside] = positions_nm
         log_correction = np.zeros(len(x_new))
         if inside.any():
-            current = np.broadcast_to(positions_nm, x_new[inside].shape)
-            log_p_reverse = self.model.log_prob(current, v_current[inside], x_new[inside])
-            kinetic_change = 0.5 * (np.square(v_new[inside]).sum(axis=(1, 2))
+            # The reverse move: from x' back to the current state x with its fresh velocities.
+            reverse = AugmentedState(np.broadcast_to(positions_nm, x_new[inside].shape), v_current[inside])
+            log_p_reverse = self.model.log_prob(x_new[inside], reverse)
+            kinetic_change = 0.5 * (np.square(y.v[inside]).sum(axis=(1, 2))
                                     - np.square(v_current[inside]).sum(axis=(1, 2)))
             log_correction[inside] = -kinetic_change + log_p_reverse - log_p_forward[inside]
         valid = None if inside.all() else inside

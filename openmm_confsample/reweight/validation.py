@@ -35,8 +35,12 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
-from .errors import ConfSampleError
-from .systems import MolecularSystem, get_platform, to_kelvin
+from ..checks import positive_float
+from ..errors import ConfSampleError
+from ..progress import progress_bar
+from ..runner import langevin_integrator
+from ..systems import MolecularSystem, get_platform
+from ..units import to_kelvin, to_nm_batch
 
 __all__ = ["ValidationResult", "plot_validation", "validate_structures"]
 
@@ -90,36 +94,6 @@ class ValidationResult:
         return below & ~self.failed
 
 
-def _as_structures(positions, n_atoms: int) -> np.ndarray:
-    if unit.is_quantity(positions):
-        try:
-            positions = positions.value_in_unit(unit.nanometer)
-        except TypeError as exc:
-            raise ConfSampleError(f"positions must have length units (e.g. nanometer), got {positions.unit}.") from exc
-    try:
-        batch = np.array(positions, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ConfSampleError(f"positions must be a numeric (M, {n_atoms}, 3) array in nm.") from exc
-    if batch.ndim == 2:
-        batch = batch[None]
-    if batch.ndim != 3 or batch.shape[1:] != (n_atoms, 3) or len(batch) == 0:
-        raise ConfSampleError(f"positions must have shape (M, {n_atoms}, 3) in nm with M >= 1, got {batch.shape}.")
-    if not np.all(np.isfinite(batch)):
-        rows = np.unique(np.nonzero(~np.isfinite(batch))[0])[:5].tolist()
-        raise ConfSampleError(f"positions contain NaN or infinite coordinates (structures {rows}).")
-    return batch
-
-
-def _positive(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfSampleError(f"{name} must be a positive number, got {value!r}.") from exc
-    if not np.isfinite(value) or value <= 0:
-        raise ConfSampleError(f"{name} must be positive, got {value}.")
-    return value
-
-
 class _BlowUp(Exception):
     """A run produced a non-finite energy."""
 
@@ -149,9 +123,7 @@ def _solvated_simulation(molecular_system: MolecularSystem, positions_nm: np.nda
     barostat = openmm.MonteCarloBarostat(pressure_bar * unit.bar, temperature_K * unit.kelvin, 25)
     barostat.setRandomNumberSeed(seed)
     system.addForce(barostat)
-    integrator = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_ps * unit.picosecond)
-    integrator.setRandomNumberSeed(seed)
+    integrator = langevin_integrator(temperature_K, friction_per_ps, timestep_ps * 1e3, seed)
     context = openmm.Context(system, integrator, platform) if platform else openmm.Context(system, integrator)
     context.setPeriodicBoxVectors(*modeller.topology.getPeriodicBoxVectors())
     context.setPositions(modeller.positions)
@@ -160,9 +132,7 @@ def _solvated_simulation(molecular_system: MolecularSystem, positions_nm: np.nda
 
 def _implicit_simulation(molecular_system: MolecularSystem, positions_nm: np.ndarray, temperature_K: float,
                          friction_per_ps: float, timestep_ps: float, platform, seed: int):
-    integrator = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_ps * unit.picosecond)
-    integrator.setRandomNumberSeed(seed)
+    integrator = langevin_integrator(temperature_K, friction_per_ps, timestep_ps * 1e3, seed)
     system = molecular_system.system
     context = openmm.Context(system, integrator, platform) if platform else openmm.Context(system, integrator)
     context.setPositions(positions_nm)
@@ -248,13 +218,13 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
     if solvent not in _SOLVENTS:
         raise ConfSampleError(f"solvent must be 'implicit' or 'explicit', got {solvent!r}.")
     n_solute = molecular_system.n_atoms
-    structures = _as_structures(positions, n_solute)
-    length_ps = _positive(length_ps, "length_ps")
-    report_interval_ps = _positive(report_interval_ps, "report_interval_ps")
-    timestep_fs = _positive(timestep_fs if timestep_fs is not None else (2.0 if solvent == "explicit" else 1.0),
+    structures = to_nm_batch(positions, n_solute)
+    length_ps = positive_float(length_ps, "length_ps")
+    report_interval_ps = positive_float(report_interval_ps, "report_interval_ps")
+    timestep_fs = positive_float(timestep_fs if timestep_fs is not None else (2.0 if solvent == "explicit" else 1.0),
                             "timestep_fs")
-    friction_per_ps = _positive(friction_per_ps, "friction_per_ps")
-    rmsd_threshold_nm = _positive(rmsd_threshold_nm, "rmsd_threshold_nm")
+    friction_per_ps = positive_float(friction_per_ps, "friction_per_ps")
+    rmsd_threshold_nm = positive_float(rmsd_threshold_nm, "rmsd_threshold_nm")
     if temperature_K is None:
         temperature_K = molecular_system.temperature_K
     temperature_K = to_kelvin(temperature_K, "temperature_K")
@@ -269,9 +239,9 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
         if not np.isfinite(equilibration_ps) or equilibration_ps < 0:
             raise ConfSampleError(f"equilibration_ps must be zero or positive, got {equilibration_ps}.")
         equilibration_steps = int(round(equilibration_ps / timestep_ps))
-        padding_nm = _positive(padding_nm, "padding_nm")
-        cutoff_nm = _positive(cutoff_nm, "cutoff_nm")
-        pressure_bar = _positive(pressure_bar, "pressure_bar")
+        padding_nm = positive_float(padding_nm, "padding_nm")
+        cutoff_nm = positive_float(cutoff_nm, "cutoff_nm")
+        pressure_bar = positive_float(pressure_bar, "pressure_bar")
         try:
             forcefield = app.ForceField(*forcefield_files)
         except Exception as exc:  # OpenMM raises ValueError or file errors
@@ -280,7 +250,7 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
         raise ConfSampleError(
             f"minimize_max_iterations must be a non-negative integer, got {minimize_max_iterations}."
         )
-    minimize_tolerance = _positive(minimize_tolerance, "minimize_tolerance")
+    minimize_tolerance = positive_float(minimize_tolerance, "minimize_tolerance")
     platform_name = platform or ("CPU" if solvent == "explicit" else "Reference")
     platform_obj = get_platform(platform_name)
 
@@ -300,12 +270,8 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
     n_simulated = np.zeros(n_structures, dtype=int)
     seeds = np.random.default_rng(seed).integers(1, 2**31 - 1, size=n_structures)  # 0 would mean "pick one"
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total_steps = n_structures * (equilibration_steps + n_reports * steps_per_report)
-        bar = tqdm(total=total_steps, desc=f"validate ({solvent})", unit="step", unit_scale=True)
+    total_steps = n_structures * (equilibration_steps + n_reports * steps_per_report)
+    bar = progress_bar(None, progress, f"validate ({solvent})", "step", total=total_steps, unit_scale=True)
     try:
         for m, structure in enumerate(structures):
             solute_frames = np.full((n_reports + 1, n_solute, 3), np.nan)
@@ -327,8 +293,7 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
                     for chunk in _chunks(equilibration_steps, steps_per_report):
                         integrator.step(chunk)
                         done_steps += chunk
-                        if bar is not None:
-                            bar.update(chunk)
+                        bar.update(chunk)
                     _energy_and_solute(context, n_solute)
                     context.setParameter(_RESTRAINT_PARAMETER, 0.0)
                 energies[m, 0], solute_frames[0] = _energy_and_solute(context, n_solute)
@@ -337,8 +302,7 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
                 for report in range(1, n_reports + 1):
                     integrator.step(steps_per_report)
                     done_steps += steps_per_report
-                    if bar is not None:
-                        bar.update(steps_per_report)
+                    bar.update(steps_per_report)
                     energies[m, report], solute_frames[report] = _energy_and_solute(context, n_solute, ceiling_kJ)
                     recorded = report + 1
             except (_BlowUp, openmm.OpenMMException) as exc:
@@ -347,8 +311,7 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
                 where = f" at t = {time_ps[recorded]:.3f} ps" if recorded and recorded <= n_reports else ""
                 messages[m] = f"structure {m} blew up {stage}{where}: {str(exc).strip().splitlines()[0]}"
                 energies[m, recorded:] = np.nan
-                if bar is not None:
-                    bar.update(n_reports * steps_per_report + equilibration_steps - done_steps)
+                bar.update(n_reports * steps_per_report + equilibration_steps - done_steps)
             finally:
                 del context
             if recorded:
@@ -356,8 +319,7 @@ def validate_structures(molecular_system: MolecularSystem, positions, length_ps:
                 reference = mdtraj.Trajectory(structure[None], md_topology)
                 rmsd[m, :recorded] = mdtraj.rmsd(trajectory, reference, 0, atom_indices=heavy)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     wall = time.perf_counter() - start
     result = ValidationResult(time_ps, energies, rmsd, failed, messages, solvent, rmsd_threshold_nm)
