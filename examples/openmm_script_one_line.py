@@ -9,9 +9,7 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
-from openmm_confsample.models import shipped_model_path
-from openmm_confsample.moves.reporter import LearnedMoveReporter
-from openmm_confsample.moves.torsion_diffusion import TorsionDiffusionMove
+from openmm_confsample.moves import LearnedMoveReporter, TorsionDiffusionMove
 from openmm_confsample.systems import get_system
 
 # --- an ordinary OpenMM script -------------------------------------------------------------------
@@ -23,11 +21,11 @@ simulation.minimizeEnergy()
 simulation.reporters.append(app.DCDReporter("one_line.dcd", 500))
 simulation.reporters.append(app.StateDataReporter(sys.stdout, 5000, step=True, potentialEnergy=True, speed=True))
 
-# --- the one added line: a torsion-diffusion MH move every 50 MD steps -----------------------------
-move = TorsionDiffusionMove(shipped_model_path(), ala, n_proposals=4, seed=0)
-simulation.reporters.append(LearnedMoveReporter(move, interval=50))
+# --- the one added line: 4 torsion-diffusion MH steps every 50 MD steps (shipped model, by name) -----------
+simulation.reporters.append(LearnedMoveReporter(TorsionDiffusionMove("alanine-dipeptide", simulation, n_proposals=4,
+                                                                     seed=0), interval=50))
 
 simulation.step(20000)
-stats = move.statistics
+stats = simulation.reporters[-1].statistics
 print(f"learned moves: {stats['n_proposed']} proposals, acceptance {stats['acceptance_rate']:.2f}, "
       f"{1e3 * stats['seconds_per_proposal']:.2f} ms per proposal")

@@ -16,9 +16,7 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
-from openmm_confsample.models import shipped_model_path
-from openmm_confsample.moves.reporter import LearnedMoveReporter
-from openmm_confsample.moves.timewarp import TimewarpMove
+from openmm_confsample.moves import LearnedMoveReporter, TimewarpMove
 from openmm_confsample.systems import get_system
 
 # --- an ordinary OpenMM script -------------------------------------------------------------------
@@ -31,11 +29,11 @@ simulation.reporters.append(app.DCDReporter("timewarp_move.dcd", 50))
 simulation.reporters.append(app.StateDataReporter(sys.stdout, 5000, step=True, potentialEnergy=True, speed=True))
 
 # --- the one added line: 16 Timewarp MH steps (one batched flow call) every 20 MD steps ----------------
-move = TimewarpMove(shipped_model_path("alanine_dipeptide_timewarp.pt"), ala, n_proposals=16, seed=0)
-simulation.reporters.append(LearnedMoveReporter(move, interval=20))
+simulation.reporters.append(LearnedMoveReporter(TimewarpMove("alanine-dipeptide-timewarp", simulation, n_proposals=16,
+                                                             seed=0), interval=20))
 
 simulation.step(20000)
-stats = move.statistics
+stats = simulation.reporters[-1].statistics
 traj = mdtraj.load("timewarp_move.dcd", top=ala.mdtraj_topology())
 phi = mdtraj.compute_phi(traj)[1][:, 0]
 print(f"Timewarp moves: {stats['n_proposed']} proposals, acceptance {stats['acceptance_rate']:.3f}, "

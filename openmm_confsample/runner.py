@@ -123,10 +123,12 @@ def run_engine_steps(context: openmm.Context, engine, kT: float, n_attempts: int
 
     Applies the half-step velocity correction (module docstring) when the integrator needs it, also when a
     step raises: the moves accepted before the exception are corrected, then the exception propagates.
+    An engine with ``sets_velocities = True`` (NCMC: it leaves fresh on-step velocities in the Context) is
+    not corrected.
     """
     n_attempts = positive_int(n_attempts, "n_attempts")
     integrator = context.getIntegrator()
-    correct = isinstance(integrator, HALF_STEP_INTEGRATORS)
+    correct = isinstance(integrator, HALF_STEP_INTEGRATORS) and not getattr(engine, "sets_velocities", False)
     positions = energy = None
     if correct:
         state = context.getState(getPositions=True, getEnergy=True, getForces=True, getVelocities=True)

@@ -261,7 +261,7 @@ def test_sample_command_with_seed_zero_is_reproducible(tmp_path, capsys):
         assert main(["sample", "alanine-dipeptide-implicit", "--model", shipped_model_path(), "--length-ps", "0.4",
                      "--move-interval", "100", "--save-interval-ps", "0.1", "--seed", "0", "--out", str(prefix),
                      "--quiet"]) == 0
-        xyz.append(mdtraj.load(f"{prefix}.dcd", top=f"{prefix}.pdb").xyz)
+        xyz.append(mdtraj.load(f"{prefix}/trajectory.dcd", top=f"{prefix}/trajectory.pdb").xyz)  # --out is a folder
     np.testing.assert_array_equal(xyz[0], xyz[1])
 
 

@@ -181,13 +181,13 @@ def plot_ramachandran_comparison(
     Parameters
     ----------
     data : dict name -> (phi, psi) or (phi, psi, weights)
-        Angles in rad; one panel per entry, in dict order, titled by name.
+        Angles in rad; one panel per entry, in dict order, titled by name and sample count.
     path : str or path, optional
         Write a PNG here.
     bins, kT, units
         As in :func:`plot_ramachandran`.
     vmax : float, optional
-        Top of the shared colour scale; default the largest finite value of any panel.
+        Top of the shared colour scale; default the largest finite value of any panel (fitted to the data).
     title : str, optional
         Figure title.
 
@@ -196,16 +196,17 @@ def plot_ramachandran_comparison(
     figure : matplotlib.figure.Figure
     """
     data = _check_mapping(data, "data")
-    surfaces = {}
+    surfaces, counts = {}, {}
     for name, value in data.items():
         phi, psi, weights = _unpack_angles(value, name)
         surfaces[name] = free_energy_surface_2d(phi, psi, bins=bins, weights=weights, kT=kT)
+        counts[name] = len(np.atleast_1d(phi))
     vmax = _check_vmax(vmax) or _finite_max(*(F for F, _ in surfaces.values()))
     fig, axes = _new_figure(len(surfaces), panel_size=(3.9, 3.8), extra_width=0.8)
     mesh = None
     for ax, (name, (F, edges)) in zip(axes, surfaces.items()):
         mesh = _draw_surface(ax, F, np.degrees(edges), np.degrees(edges), vmax)
-        _style_ramachandran_axes(ax, str(name))
+        _style_ramachandran_axes(ax, f"{name} (n = {counts[name]:,})")
     for ax in axes[1:]:
         ax.set_ylabel("")
     fig.colorbar(mesh, ax=axes, label=f"free energy ({units})", shrink=0.9)
@@ -237,7 +238,8 @@ def plot_free_energy_1d(
     Parameters
     ----------
     data : dict name -> x or (x, weights)
-        ``x`` : (N,) float, any coordinate (pass degrees if you want degrees on the axis).
+        ``x`` : (N,) float, any coordinate (pass degrees if you want degrees on the axis); the legend gives
+        each name with its sample count.
     bins : int or (n_bins + 1,) float
         Shared by all profiles; with an int the range spans all data (or ``range``).
     xlabel : str
@@ -271,7 +273,7 @@ def plot_free_energy_1d(
     for name, (x, weights) in series.items():
         F, edges = free_energy_1d(x, bins=bins, weights=weights, kT=kT, range=range)
         centers = 0.5 * (edges[1:] + edges[:-1])
-        ax.plot(centers, np.where(np.isfinite(F), F, np.nan), label=str(name))
+        ax.plot(centers, np.where(np.isfinite(F), F, np.nan), label=f"{name} (n = {len(x):,})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"free energy ({units})")
     ax.legend(frameon=False)
@@ -358,8 +360,7 @@ def plot_tica(
             mesh = _draw_surface(ax, F, edges0, edges1, vmax)
             ax.set_xlabel("TIC 0")
             ax.set_ylabel("TIC 1")
-            if name:
-                ax.set_title(name)
+            ax.set_title(f"{name} (n = {len(projections[name]):,})" if name else f"n = {len(projections[name]):,}")
         fig.colorbar(mesh, ax=axes[1:], label=f"free energy ({units})")
     if title:
         fig.suptitle(title)

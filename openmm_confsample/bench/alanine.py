@@ -12,12 +12,11 @@ the package ships for it (:data:`SHIPPED_MODEL`, remade by :func:`make_shipped_m
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import ConfSampleError
 from ..geometry.torsions import TorsionSet
+from ..models.shipped import SHIPPED_MODELS
 from ..moves.engine import Proposal
 from ..moves.proposals import VonMisesMixtureProposal
 from ..systems import MolecularSystem, get_system
@@ -44,15 +43,13 @@ ALANINE_INDICATORS = (PHI_POSITIVE, ALPHA_R, BETA)
 #: 300 K (see benchmarks/README.md): von Mises basin moves of kappa 3, 10 MD steps + 4 moves per segment.
 REFERENCE_SETTINGS = {**DEFAULT_REFERENCE_SETTINGS, "proposal": {"kappa": 3.0, "weights": None}}
 
-_RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources")
-
-#: The torsion diffusion model for alanine-dipeptide-implicit that the package ships.
-SHIPPED_MODEL = os.path.join(_RESOURCES, "alanine_dipeptide_diffusion.pt")
+#: The torsion diffusion model for alanine-dipeptide-implicit that the package ships ("alanine-dipeptide").
+SHIPPED_MODEL = SHIPPED_MODELS["alanine-dipeptide"].path
 
 #: The Timewarp flow for alanine-dipeptide-implicit that the package ships: internal coordinates, 2 coupling
 #: blocks of width 32, tau = 5 ps, trained 15 min on one CPU core on pairs from MD with a learned torsion bias (its
 #: metadata['training'] says how; benchmarks/README.md has the commands that remake it).
-SHIPPED_TIMEWARP_MODEL = os.path.join(_RESOURCES, "alanine_dipeptide_timewarp.pt")
+SHIPPED_TIMEWARP_MODEL = SHIPPED_MODELS["alanine-dipeptide-timewarp"].path
 
 #: The settings :func:`make_shipped_model` passes to :func:`~openmm_confsample.bench.training.train_torsion_model`.
 SHIPPED_MODEL_SETTINGS = {

@@ -79,7 +79,7 @@ def _plot(runs: list[SamplerRun], torsions: tuple, path: str, title: str) -> Non
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial.png")
     if len(torsions) >= 2:
         plot_ramachandran_comparison({r.method: (r.cvs[torsions[0]], r.cvs[torsions[1]]) for r in runs}, path=tmp,
-                                     bins=36, vmax=10.0, title=title)
+                                     bins=36, title=title)  # colour scale fitted to the data
     else:
         plot_free_energy_1d({r.method: np.degrees(r.cvs[torsions[0]]) for r in runs},
                             bins=np.linspace(-180, 180, 37), xlabel=f"{torsions[0]} (deg)", path=tmp, title=title)

@@ -33,7 +33,7 @@ def plot_comparison(runs: Sequence[SamplerRun], reference, out_dir: str, torsion
         first, second = torsions[:2]
         paths["ramachandran"] = os.path.join(out_dir, "ramachandran.png")
         plot_ramachandran_comparison({r.method: _weighted(r, r.cvs[first], r.cvs[second]) for r in everything},
-                                     path=paths["ramachandran"], bins=36, vmax=10.0)
+                                     path=paths["ramachandran"], bins=36)  # colour scale fitted to the data
     if torsions:
         first = torsions[0]
         key = f"free_energy_{re.sub(r'[^A-Za-z0-9_.-]+', '_', first)}"

@@ -19,9 +19,11 @@ this module runs and records MD, it does not build potentials.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -274,12 +276,27 @@ def dcd_header_frames(path: str) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_dcdplugin():
+    """Silence the lines mdtraj's DCD plugin prints from C ("dcdplugin) detected standard 32-bit DCD file ...")
+    on every open: they go to file descriptor 1, past Python's sys.stdout, so the descriptor is redirected."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _inspect_file(path: str) -> tuple[int, int | None]:
     """(atom count, frames the file holds or None when counting needs a full pass) of a DCD/XTC file."""
     import mdtraj
 
     try:
-        with mdtraj.open(path) as handle:
+        with _quiet_dcdplugin(), mdtraj.open(path) as handle:
             n_held = len(handle) if path.lower().endswith(".dcd") else None
             xyz = handle.read(n_frames=1)[0]
     except Exception as exc:
@@ -336,7 +353,8 @@ def load_trajectory(trajectory_path: str, topology=None, stride: int = 1, allow_
             f"trajectory file '{trajectory_path}' has {n_atoms} atoms but {label} has {md_topology.n_atoms}."
         )
     _check_truncation(trajectory_path, n_held, allow_truncated)
-    return mdtraj.load(trajectory_path, top=md_topology, stride=stride)
+    with _quiet_dcdplugin():
+        return mdtraj.load(trajectory_path, top=md_topology, stride=stride)
 
 
 def read_metadata(trajectory_path: str) -> dict | None:

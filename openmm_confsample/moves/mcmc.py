@@ -37,6 +37,7 @@ PROPOSAL_CLASSES = {
     "openmm_confsample.moves.torsion_diffusion.TorsionDiffusionProposal": ("openmm_confsample.moves.torsion_diffusion",
                                                                             "TorsionDiffusionProposal"),
     "openmm_confsample.moves.timewarp.TimewarpProposal": ("openmm_confsample.moves.timewarp", "TimewarpProposal"),
+    "openmm_confsample.moves.fragment.FragmentProposal": ("openmm_confsample.moves.fragment", "FragmentProposal"),
 }
 
 
@@ -112,7 +113,8 @@ class LearnedMCMCMove(mcmc.MCMCMove):
         self.engine.reset_statistics()
 
     def apply(self, thermodynamic_state, sampler_state, context_cache=None):
-        """Apply ``n_attempts`` MH steps to ``sampler_state`` (positions updated in place; velocities kept)."""
+        """Apply ``n_attempts`` MH steps to ``sampler_state`` (positions updated in place; velocities kept, except
+        for engines that set them, e.g. NCMC: then the sampler state takes the Context's new velocities)."""
         context_cache = self._get_context_cache(context_cache)
         context, _ = context_cache.get_context(thermodynamic_state)
         if getattr(self, "_scale_checked_context", None) is not context:  # once per context: cheap
@@ -124,7 +126,7 @@ class LearnedMCMCMove(mcmc.MCMCMove):
         for _ in range(self.n_attempts):
             result = self.engine.step(context, kT, positions, energy)
             positions, energy = result.positions_nm, result.potential_kJ
-        sampler_state.update_from_context(context, ignore_velocities=True)
+        sampler_state.update_from_context(context, ignore_velocities=not getattr(self.engine, "sets_velocities", False))
 
     # openmmtools deep-copies and YAML-serializes moves: state is config + plain-number statistics.
     def __getstate__(self):
@@ -143,11 +145,16 @@ class LearnedMCMCMove(mcmc.MCMCMove):
         proposal_class = _registered_class(serialization["proposal_class"])
         proposal = proposal_class.from_config(serialization["proposal_config"])
         self.n_attempts = positive_int(serialization["n_attempts"], "n_attempts")
-        self.engine = MetropolisHastingsEngine(proposal, serialization["n_proposals"], serialization.get("seed"),
-                                               serialization.get("exploration_threshold_kT"))
+        self.engine = self._engine_from_state(proposal, serialization)
         if "rng_state" in serialization:  # files written before this carry a plain seed instead
             self.engine.rng.bit_generator.state = serialization["rng_state"]
         self.engine.statistics = serialization.get("statistics", {})
+
+    @staticmethod
+    def _engine_from_state(proposal: Proposal, serialization: dict) -> MetropolisHastingsEngine:
+        """The engine of a restored move (subclasses with another engine override this)."""
+        return MetropolisHastingsEngine(proposal, serialization["n_proposals"], serialization.get("seed"),
+                                        serialization.get("exploration_threshold_kT"))
 
     def __deepcopy__(self, memo):
         clone = type(self).__new__(type(self))

@@ -19,12 +19,15 @@ rejected without an energy evaluation; the reverse move of any accepted one is i
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import ConfSampleError
 from ..geometry.chirality import chirality_signs, find_stereocentres
+from ..models.shipped import resolve_model_path
 from ..models.timewarp import AugmentedState, TimewarpModel
-from ..systems import MolecularSystem
+from ..systems import MolecularSystem, as_molecular_system
 from . import model_cache
 from .engine import Proposal, ProposalBatch
 from .mcmc import LearnedMCMCMove
@@ -47,6 +50,8 @@ class TimewarpProposal(Proposal):
     cartesian = True
 
     def __init__(self, model, molecular_system: MolecularSystem | None = None, stereocentres=None):
+        if isinstance(model, (str, os.PathLike)) and not os.fspath(model).startswith("memory:"):
+            model = resolve_model_path(model, kind="timewarp")
         self.model, self.model_key = model_cache.resolve(model, TimewarpModel.load)
         if not isinstance(self.model, TimewarpModel):
             raise ConfSampleError(f"model must be a TimewarpModel, got {type(self.model).__name__}.")
@@ -93,22 +98,27 @@ class TimewarpMove(LearnedMCMCMove):
 
     Parameters
     ----------
-    model : TimewarpModel or str
-    molecular_system : MolecularSystem
-        The system the model was trained for (checked).
+    model : str, path or TimewarpModel
+        A shipped model's name (``"alanine-dipeptide-timewarp"``), a checkpoint path, or a model.
+    system : openmm.app.Simulation or MolecularSystem
+        What the move acts on (a Simulation: its System, Topology, positions and integrator's temperature);
+        checked against the model. The flow moves every atom, so the System must have no constraints.
     n_proposals : int, default 1
         MH steps per application, proposed in one batched flow call (re-proposed after an acceptance).
     exploration_threshold_kT : float, optional
         Biased exploration mode (no MH; accept unless the energy rises by more than this): NOT exact.
     seed : int, optional
+    temperature : float K or Quantity, optional
+        Only for a Simulation whose integrator has no temperature.
 
     Examples
     --------
-    >>> move = TimewarpMove("timewarp.pt", get_system("alanine-dipeptide-implicit"), n_proposals=16)  # doctest: +SKIP
+    >>> simulation.reporters.append(LearnedMoveReporter(TimewarpMove("alanine-dipeptide-timewarp", simulation,
+    ...                                                              n_proposals=16), interval=500))  # doctest: +SKIP
     """
 
-    def __init__(self, model, molecular_system: MolecularSystem, n_proposals: int = 1, n_attempts: int = 1,
-                 seed=None, exploration_threshold_kT: float | None = None):
-        proposal = TimewarpProposal(model, molecular_system)
+    def __init__(self, model, system, n_proposals: int = 1, n_attempts: int = 1, seed=None,
+                 exploration_threshold_kT: float | None = None, temperature=None):
+        proposal = TimewarpProposal(model, as_molecular_system(system, temperature))
         super().__init__(proposal, n_proposals=n_proposals, n_attempts=n_attempts, seed=seed,
                          exploration_threshold_kT=exploration_threshold_kT)

@@ -6,15 +6,16 @@ system comes from :func:`system_from_openmm` (any System/Topology/positions trip
 :func:`system_from_pdb` (a PDB file plus force-field XML files) and works everywhere a named one does.
 
 * :mod:`.molecular`: MolecularSystem, EnergyEvaluator, get_platform
-* :mod:`.builders`: system_from_pdb, system_from_openmm
+* :mod:`.builders`: system_from_pdb, system_from_openmm, system_from_simulation, as_molecular_system
 * :mod:`.registry`: the named systems, get_system, list_systems, register_system, resolve_system
 
 Units and kT live in :mod:`openmm_confsample.units`.
 """
 
-from .builders import system_from_openmm, system_from_pdb
+from .builders import as_molecular_system, system_from_openmm, system_from_pdb, system_from_simulation
 from .molecular import EnergyEvaluator, MolecularSystem, get_platform
 from .registry import get_system, list_systems, register_system, resolve_system
 
 __all__ = ["MolecularSystem", "EnergyEvaluator", "get_platform", "system_from_pdb", "system_from_openmm",
+           "system_from_simulation", "as_molecular_system",
            "get_system", "list_systems", "register_system", "resolve_system"]

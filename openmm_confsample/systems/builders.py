@@ -35,9 +35,12 @@ def _peptide_torsions(topology: app.Topology) -> dict[str, tuple[int, int, int, 
 
 
 def _openmmtools_pdb(name: str) -> str:
-    import openmmtools
+    import importlib.util
 
-    path = os.path.join(os.path.dirname(openmmtools.__file__), "data", name, "alanine-dipeptide.pdb")
+    # find_spec locates the package without importing it (import openmmtools takes ~2 s: issue 14, item 5)
+    spec = importlib.util.find_spec("openmmtools")
+    root = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else ""
+    path = os.path.join(root, "data", name, "alanine-dipeptide.pdb")
     if not os.path.exists(path):
         raise ConfSampleError(f"openmmtools' data file {path} is missing; reinstall openmmtools.")
     return path
@@ -99,3 +102,35 @@ def system_from_openmm(system: openmm.System, topology: app.Topology, positions,
         torsions = _peptide_torsions(topology)
     return MolecularSystem(name, system, topology, to_nm(positions), to_kelvin(temperature), dict(torsions),
                            description="user-provided openmm.System")
+
+
+def system_from_simulation(simulation: app.Simulation, temperature=None, torsions: dict | None = None,
+                           name: str = "simulation") -> MolecularSystem:
+    """The MolecularSystem of a running ``openmm.app.Simulation``: its System, Topology and current positions,
+    at its integrator's temperature (or ``temperature``, K or a Quantity, for integrators that have none).
+
+    ``torsions`` (name -> quad) defaults to none: a move takes its torsions from its model.
+    """
+    if not isinstance(simulation, app.Simulation):
+        raise ConfSampleError(f"simulation must be an openmm.app.Simulation, got {type(simulation).__name__}.")
+    if temperature is None:
+        integrator = simulation.integrator
+        if not hasattr(integrator, "getTemperature"):
+            raise ConfSampleError(f"the Simulation's {type(integrator).__name__} has no temperature; pass "
+                                  "temperature= (kelvin) to the move.")
+        temperature = integrator.getTemperature()
+    positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    if len(positions) > 1 and not np.any(positions):
+        raise ConfSampleError("the Simulation's positions are not set: call simulation.context.setPositions(...) "
+                              "before creating the move.")
+    return MolecularSystem(name, simulation.system, simulation.topology, np.array(positions), to_kelvin(temperature),
+                           dict(torsions or {}), description="an openmm.app.Simulation's System")
+
+
+def as_molecular_system(target, temperature=None) -> MolecularSystem:
+    """A MolecularSystem from what a move is given: a MolecularSystem (as it is) or an ``openmm.app.Simulation``."""
+    if isinstance(target, MolecularSystem):
+        return target
+    if isinstance(target, app.Simulation):
+        return system_from_simulation(target, temperature)
+    raise ConfSampleError(f"expected an openmm.app.Simulation or a MolecularSystem, got {type(target).__name__}.")

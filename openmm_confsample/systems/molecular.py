@@ -15,6 +15,7 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
+from ..checks import positive_float
 from ..errors import ConfSampleError
 from ..units import check_position_scale, kT_kJ_per_mol, to_kelvin, to_nm
 
@@ -38,6 +39,9 @@ class MolecularSystem:
         Named torsions (0-based atom indices), e.g. ``{"phi": (4, 6, 8, 14), "psi": (6, 8, 14, 16)}``.
     description : str
         Force field and source, for metadata.
+    timestep_fs : float, optional, fs
+        The integration step the set-up is meant for (2 fs for a solvated system with HBonds constraints);
+        None: no recommendation (samplers use their own default).
 
     Examples
     --------
@@ -54,8 +58,11 @@ class MolecularSystem:
     temperature_K: float = 300.0
     torsions: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     description: str = ""
+    timestep_fs: float | None = None
 
     def __post_init__(self):
+        if self.timestep_fs is not None:
+            self.timestep_fs = positive_float(self.timestep_fs, "timestep_fs")
         self.positions_nm = to_nm(self.positions_nm, "positions")
         self.temperature_K = to_kelvin(self.temperature_K)
         n_system, n_topology, n_positions = self.system.getNumParticles(), self.topology.getNumAtoms(), len(self.positions_nm)
@@ -122,13 +129,33 @@ class MolecularSystem:
         """One label per atom, 'RES:NAME' (e.g. 'ALA:CA'), used as atom types by the flow model."""
         return [f"{a.residue.name}:{a.name}" for a in self.topology.atoms()]
 
-    def fingerprint(self) -> str:
-        """A short hash of atom names, elements, residues and bonds: checkpoints record it to refuse other systems."""
+    @property
+    def solute_atoms(self) -> np.ndarray:
+        """(n_solute,) int: atoms that are neither water nor ions (all atoms in vacuum or implicit solvent).
+
+        Raises ConfSampleError when there is no solute, or when a periodic system has no recognisable solvent
+        (:func:`openmm_confsample.systems.solvated.find_solute_atoms`).
+        """
+        from .solvated import find_solute_atoms  # deferred: solvated builds on this module
+
+        return find_solute_atoms(self.topology, self.system.usesPeriodicBoundaryConditions(), f"system '{self.name}'")
+
+    def fingerprint(self, atoms=None) -> str:
+        """A short hash of atom names, elements, residues and bonds: checkpoints record it to refuse other systems.
+
+        ``atoms`` (0-based indices, e.g. ``solute_atoms``) hashes that part only, renumbered from 0, so a solute
+        in water has the fingerprint of the same molecule built without its water.
+        """
+        atoms = np.arange(self.n_atoms) if atoms is None else np.asarray(atoms, dtype=int)
+        number = {int(a): n for n, a in enumerate(atoms)}
+        all_atoms = list(self.topology.atoms())
         digest = hashlib.sha256()
-        for atom in self.topology.atoms():
+        for index in atoms:
+            atom = all_atoms[index]
             symbol = atom.element.symbol if atom.element is not None else "X"
             digest.update(f"{atom.residue.name}:{atom.name}:{symbol};".encode())
-        for i, j in sorted(tuple(sorted(b)) for b in self.bonds.tolist()):
+        bonds = [(number[i], number[j]) for i, j in self.bonds.tolist() if i in number and j in number]
+        for i, j in sorted(tuple(sorted(b)) for b in bonds):
             digest.update(f"{i}-{j};".encode())
         return digest.hexdigest()[:16]
 
@@ -155,11 +182,12 @@ class MolecularSystem:
         return states.ThermodynamicState(self.system, temperature=temperature_K * unit.kelvin)
 
     def sampler_state(self, positions_nm: np.ndarray | None = None):
-        """An openmmtools SamplerState at the given (default: starting) positions."""
+        """An openmmtools SamplerState at the given (default: starting) positions (and the System's box if periodic)."""
         from openmmtools import states
 
         positions = self.positions_nm if positions_nm is None else to_nm(positions_nm)
-        return states.SamplerState(positions * unit.nanometer)
+        box = self.system.getDefaultPeriodicBoxVectors() if self.system.usesPeriodicBoundaryConditions() else None
+        return states.SamplerState(positions * unit.nanometer, box_vectors=box)
 
 
 def get_platform(name: str | None) -> openmm.Platform | None:
