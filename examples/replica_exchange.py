@@ -16,6 +16,7 @@ from openmmtools import cache, mcmc, multistate
 from openmm_confsample.models import shipped_model_path
 from openmm_confsample.moves.replica import LearnedMoveReplicaExchangeSampler
 from openmm_confsample.moves.torsion_diffusion import TorsionDiffusionMove
+from openmm_confsample.parallel.replica import MPIParallelTemperingSampler
 from openmm_confsample.systems import get_system
 
 ala = get_system("alanine-dipeptide-implicit")
@@ -24,7 +25,9 @@ move = TorsionDiffusionMove(shipped_model_path(), ala, n_proposals=4, seed=2)
 
 # 1. openmmtools: the learned move is part of each replica's mcmc_moves; storage keeps its statistics.
 moves = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=200), move])
-sampler = multistate.ParallelTemperingSampler(mcmc_moves=moves, number_of_iterations=10)
+# MPIParallelTemperingSampler: openmmtools' sampler, with each replica's learned move on its own random stream
+# (openmmtools copies the move per replica, random generator included); runs as one process or under mpiexec.
+sampler = MPIParallelTemperingSampler(mcmc_moves=moves, number_of_iterations=10)
 storage = os.path.join(tempfile.mkdtemp(), "pt.nc")
 reporter = multistate.MultiStateReporter(storage, checkpoint_interval=5)
 sampler.create(ala.thermodynamic_state(), ala.sampler_state(), reporter, min_temperature=300 * unit.kelvin,

@@ -281,3 +281,18 @@ def test_parallel_tempering_resumes_after_sigkill_under_mpi(tmp_path):
     final = result["n_proposed_by_rank"]
     assert final[0] == final[1] and set(final[0]) == {result["n_proposed_at_resume"][0] + 2 * (8 - resumed_at)}
     assert result["model_loads_by_rank"] == [1, 1]  # each rank loads the checkpoint once, by the stored path
+
+
+@needs_mpi
+def test_ncmc_and_fragment_moves_in_replica_exchange_under_mpi(tmp_path):
+    """Issue 17: the NCMC (issue 16) and fragment-local (issue 15) moves run in MPIReplicaExchangeSampler under
+    mpiexec -n 2, with the moves' statistics gathered to every rank and storage written by rank 0."""
+    result = _run_mpi_job("ncmc_and_fragment_moves.py", tmp_path, 4)
+    assert result["n_ranks"] == 2
+    first, second = result["by_rank"]
+    for kind, proposals_per_iteration in (("ncmc", 1), ("fragment", 2)):
+        assert first[kind]["n_proposed"] == second[kind]["n_proposed"]  # the same statistics on every rank
+        assert first[kind]["n_proposed"] == [4 * proposals_per_iteration] * 2  # each replica's, not rank 0's only
+        assert first[kind]["finite"] and second[kind]["finite"]
+        assert first[kind]["stored_iterations"] == 4 and second[kind]["stored_iterations"] is None
+    assert first["ncmc"]["ncmc_protocols"] == [4, 4]  # one protocol per iteration per replica

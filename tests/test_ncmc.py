@@ -400,13 +400,14 @@ def test_cli_sample_explicit_with_ncmc_steps(tmp_path, capsys):
     out_dir = tmp_path / "ncmc"
     with pytest.warns(UserWarning, match="without the water"):
         assert main(["sample", "alanine-dipeptide-explicit", "--model", "alanine-dipeptide", "--ncmc-steps", "10",
-                     "--length-ps", "0.2", "--move-interval", "50", "--save-interval-ps", "0.1", "--platform", "CPU",
-                     "--out", str(out_dir), "--quiet"]) == 0
+                     "--length-ps", "0.2", "--move-interval", "50", "--save-interval-ps", "0.1",
+                     "--out", str(out_dir), "--quiet"]) == 0  # 2269 atoms: the CPU platform by default
     out = capsys.readouterr().out
     assert "NCMC: 10-step protocols" in out and "MD-step equivalents per move" in out
     summary = json.load(open(out_dir / "summary.json"))
     stats = summary["move_statistics"]
     assert summary["settings"]["timestep_fs"] == 2.0 and summary["n_frames"] == 2
+    assert summary["settings"]["platform"] == "CPU"
     assert stats["n_moves"] == 2 and stats["ncmc_steps"] == 10 and stats["n_protocols"] == 2
     assert stats["md_step_equivalents_per_move"] >= 5  # at least the first half of each protocol
     assert main(["sample", "alanine-dipeptide-explicit", "--model", "alanine-dipeptide", "--ncmc-steps", "0",

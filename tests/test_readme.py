@@ -27,7 +27,8 @@ assert frames.n_frames == 20, frames.n_frames
 rows = [line for line in open("log.csv") if not line.startswith("#")]
 assert len(rows) == 20, len(rows)
 temperatures = np.array([float(row.split(",")[2]) for row in rows])
-assert np.all((temperatures > 150) & (temperatures < 500)), temperatures
+# 22 atoms: one row's temperature spreads by 18 % (a row outside 150-500 K in 2 % of runs); the mean of 20 by 4 %
+assert np.all(np.isfinite(temperatures)) and 250 < temperatures.mean() < 350, temperatures
 statistics = simulation.reporters[-1].statistics
 assert statistics["n_moves"] == 40 and statistics["n_proposed"] == 40, statistics
 assert 0 < statistics["n_accepted"] < 40 and statistics["exact"], statistics

@@ -410,8 +410,10 @@ def run_parallel_tempering(molsys: MolecularSystem, wall_seconds: float, n_repli
                                              collision_rate=friction_per_ps / unit.picosecond,
                                              n_steps=steps_per_iteration, reassign_velocities=True)
         moves = dynamics if learned_move is None else mcmc.SequenceMove([dynamics, learned_move])
-        sampler = multistate.ParallelTemperingSampler(mcmc_moves=moves, number_of_iterations=2**31 - 1,
-                                                      online_analysis_interval=None)
+        from ..parallel.replica import MPIParallelTemperingSampler  # each replica's learned move its own stream
+
+        sampler = MPIParallelTemperingSampler(mcmc_moves=moves, number_of_iterations=2**31 - 1,
+                                              online_analysis_interval=None)
         directory = tempfile.mkdtemp(prefix="confsample-pt-")
         reporter = multistate.MultiStateReporter(os.path.join(directory, "pt.nc"), checkpoint_interval=1000)
         try:

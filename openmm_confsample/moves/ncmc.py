@@ -56,6 +56,7 @@ from openmm import unit
 from ..checks import positive_float, positive_int
 from ..errors import ConfSampleError
 from ..runner import openmm_seed
+from ..systems.builders import as_molecular_system
 from ..units import KJ_PER_MOL as _KJ, MOLAR_GAS_CONSTANT_KJ, NM as _NM
 from .engine import MetropolisHastingsEngine, MoveResult, Proposal, _checked_kT, _finite_forces
 from .mcmc import LearnedMCMCMove
@@ -198,6 +199,7 @@ class NCMCEngine(MetropolisHastingsEngine):
         are the constructor's (seed, collision_rate_per_ps, splitting, measure_protocol_work). The proposal's
         torsions must move solute atoms only.
         """
+        molecular_system = as_molecular_system(molecular_system)
         solute = molecular_system.solute_atoms if solute_atoms is None else np.asarray(solute_atoms, dtype=int)
         moved = getattr(getattr(proposal, "torsion_set", None), "torsions", None)
         if moved is not None and not np.isin(np.asarray(moved), solute).all():
@@ -417,7 +419,8 @@ class NCMCMove(LearnedMCMCMove):
     @classmethod
     def for_system(cls, proposal: Proposal, molecular_system, ncmc_steps: int = 1000, n_attempts: int = 1, seed=None,
                    **options) -> "NCMCMove":
-        """Soften the solute of a solvated system (options as for :meth:`NCMCEngine.for_system`)."""
+        """Soften the solute of a solvated system: a MolecularSystem or the user's running ``openmm.app.Simulation``
+        (options as for :meth:`NCMCEngine.for_system`)."""
         engine = NCMCEngine.for_system(proposal, molecular_system, ncmc_steps, seed=seed, **options)
         return cls(proposal, engine.perturbation, engine.ncmc_steps, n_attempts, seed, **engine.options)
 
@@ -434,7 +437,8 @@ class NCMCMove(LearnedMCMCMove):
 
 
 def solute_diffusion_proposal(model, molecular_system, buffer_size: int = 2048):
-    """A ``TorsionDiffusionProposal`` on the solute of ``molecular_system`` (solvated or not).
+    """A ``TorsionDiffusionProposal`` on the solute of ``molecular_system`` (a MolecularSystem or a running
+    ``openmm.app.Simulation``; solvated or not).
 
     ``model`` is a ``TorsionDiffusionModel``, a checkpoint path or a shipped model's name, trained on this very
     system or on its solute alone (in vacuum or implicit solvent: the same atoms and bonds without water); the
@@ -442,4 +446,4 @@ def solute_diffusion_proposal(model, molecular_system, buffer_size: int = 2048):
     """
     from .torsion_diffusion import TorsionDiffusionProposal
 
-    return TorsionDiffusionProposal.for_system(model, molecular_system, buffer_size)
+    return TorsionDiffusionProposal.for_system(model, as_molecular_system(molecular_system), buffer_size)

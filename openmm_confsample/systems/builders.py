@@ -109,7 +109,8 @@ def system_from_simulation(simulation: app.Simulation, temperature=None, torsion
     """The MolecularSystem of a running ``openmm.app.Simulation``: its System, Topology and current positions,
     at its integrator's temperature (or ``temperature``, K or a Quantity, for integrators that have none).
 
-    ``torsions`` (name -> quad) defaults to none: a move takes its torsions from its model.
+    ``torsions`` (name -> quad) defaults to none: a move takes its torsions from its model. The integrator's
+    step size becomes ``timestep_fs`` (what an NCMC protocol uses by default).
     """
     if not isinstance(simulation, app.Simulation):
         raise ConfSampleError(f"simulation must be an openmm.app.Simulation, got {type(simulation).__name__}.")
@@ -123,8 +124,11 @@ def system_from_simulation(simulation: app.Simulation, temperature=None, torsion
     if len(positions) > 1 and not np.any(positions):
         raise ConfSampleError("the Simulation's positions are not set: call simulation.context.setPositions(...) "
                               "before creating the move.")
+    step = getattr(simulation.integrator, "getStepSize", None)
+    timestep_fs = step().value_in_unit(unit.femtosecond) if step is not None else None
     return MolecularSystem(name, simulation.system, simulation.topology, np.array(positions), to_kelvin(temperature),
-                           dict(torsions or {}), description="an openmm.app.Simulation's System")
+                           dict(torsions or {}), description="an openmm.app.Simulation's System",
+                           timestep_fs=timestep_fs or None)
 
 
 def as_molecular_system(target, temperature=None) -> MolecularSystem:
