@@ -38,7 +38,7 @@ from openmm_confsample.bench.config import BenchmarkConfig
 from openmm_confsample.bench.observables import angle_range, positive
 from openmm_confsample.bench.reference import run_reference
 from openmm_confsample.bench.samplers import plain, run_md_with_moves, run_parallel_tempering, run_plain_md
-from openmm_confsample.bench.summary import format_ratio, markdown_table, summarize
+from openmm_confsample.bench.summary import MIN_ENTRIES, format_ratio, markdown_table, summarize
 from openmm_confsample.geometry.torsions import TorsionSet
 from openmm_confsample.moves.engine import MetropolisHastingsEngine
 from openmm_confsample.moves.fragment import SHIPPED_FRAGMENT_MODEL, FragmentProposal
@@ -185,9 +185,10 @@ def alanine(model, seconds, seed, progress) -> dict:
                               seed=seed, cvs=cvs, method="MD+TorsionDiffusionMove", progress=progress, **SEGMENT)]
     rows = summarize(runs, ALANINE_INDICATORS, primary=PHI_POSITIVE.name)
     by_method = {r["method"]: r for r in rows}
-    basins = by_method["MD+VonMises basins"]["ess_per_s"]
+    fragment, basins = by_method["MD+fragment"], by_method["MD+VonMises basins"]
+    measurable = min(fragment["entries"], basins["entries"]) >= MIN_ENTRIES and basins["ess_per_s"]
     return {"system": molsys.name, "rows": rows, "table": markdown_table(rows),
-            "fragment_vs_basins": by_method["MD+fragment"]["ess_per_s"] / basins if basins else None}
+            "fragment_vs_basins": fragment["ess_per_s"] / basins["ess_per_s"] if measurable else None}
 
 
 # -- 5. chain length ------------------------------------------------------------------------------------------
@@ -340,7 +341,9 @@ def main(argv=None) -> int:
     if "alanine" in args.sections:
         r = results["alanine"] = alanine(model, seconds, args.seed, progress)
         report += ["## Alanine dipeptide\n", r["table"],
-                   f"MD+fragment / MD+VonMises basins ESS/s on phi > 0: {r['fragment_vs_basins']}.\n"]
+                   "MD+fragment / MD+VonMises basins ESS/s on phi > 0: "
+                   + (f"{r['fragment_vs_basins']:.2f}" if r["fragment_vs_basins"] is not None else
+                      f"not measurable (fewer than {MIN_ENTRIES} entries in a run)") + ".\n"]
     if "scaling" in args.sections:
         r = results["scaling"] = scaling(model, mode["timing_moves"], args.seed, out_dir)
         report += ["## Cost against chain length (scaling.png)\n", scaling_table(r["rows"]),

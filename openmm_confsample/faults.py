@@ -38,14 +38,16 @@ class InjectedFault(RuntimeError):
 class FaultyProposal(Proposal):
     """Wraps a proposal and injects ``fault`` into a fraction ``rate`` of its candidates (or of its calls)."""
 
-    def __init__(self, inner: Proposal, fault: str, rate: float = 0.2):
-        if fault not in FAULTS:
-            raise ConfSampleError(f"fault must be one of {FAULTS}, got {fault!r}.")
+    def __init__(self, inner: Proposal, fault: str | None, rate: float = 0.2, raise_on_call: int | None = None):
+        if fault is not None and fault not in FAULTS:
+            raise ConfSampleError(f"fault must be one of {FAULTS} or None, got {fault!r}.")
         self.inner, self.fault, self.rate = inner, fault, float(rate)
+        self.raise_on_call, self.calls = raise_on_call, 0  # also raise on exactly this call (1-based), if given
         self.cartesian = inner.cartesian
 
     def propose(self, positions_nm, n_proposals, rng):
-        if self.fault == "raising_proposal" and rng.random() < self.rate:
+        self.calls += 1
+        if self.calls == self.raise_on_call or (self.fault == "raising_proposal" and rng.random() < self.rate):
             raise InjectedFault("proposal failed")
         batch = self.inner.propose(positions_nm, n_proposals, rng)
         hit = rng.random(n_proposals) < self.rate

@@ -10,8 +10,9 @@ import pytest
 from openmm import unit
 
 from openmm_confsample.errors import ConfSampleError
+from openmm_confsample.faults import FaultyProposal as Faulty
 from openmm_confsample.geometry.torsions import TorsionSet
-from openmm_confsample.moves.engine import MetropolisHastingsEngine, Proposal, ProposalBatch
+from openmm_confsample.moves.engine import MetropolisHastingsEngine
 from openmm_confsample.moves.mcmc import LearnedMCMCMove
 from openmm_confsample.moves.proposals import VonMisesTorsionProposal
 from openmm_confsample.moves.reporter import LearnedMoveReporter, apply_learned_move
@@ -29,34 +30,6 @@ def chain():
 
 def _positions(context):
     return context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(_NM)
-
-
-class Faulty(Proposal):
-    """Wraps a real proposal and injects one kind of fault into a fraction of its candidates."""
-
-    cartesian = False
-
-    def __init__(self, inner, fault, rate=0.2, raise_on_call=None):
-        self.inner, self.fault, self.rate, self.raise_on_call = inner, fault, rate, raise_on_call
-        self.calls = 0
-
-    def propose(self, positions_nm, n_proposals, rng):
-        self.calls += 1
-        if self.raise_on_call is not None and self.calls == self.raise_on_call:
-            raise RuntimeError("proposal failed")
-        batch = self.inner.propose(positions_nm, n_proposals, rng)
-        hit = rng.random(n_proposals) < self.rate
-        positions, correction = np.array(batch.positions), np.array(batch.log_correction, dtype=float)
-        if self.fault == "nan_positions":
-            positions[hit, 0, 0] = np.nan
-        elif self.fault == "inf_positions":
-            positions[hit, 1, 2] = np.inf
-        elif self.fault in ("nan", "+inf", "-inf"):
-            correction[hit] = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}[self.fault]
-        elif self.fault == "clash":  # +inf correction on a candidate that is also a clash
-            correction[hit] = np.inf
-            positions[hit] = positions[hit][:, [0, 0, 2, 3]]
-        return ProposalBatch(positions, correction, batch.valid, batch.info)
 
 
 def test_plus_inf_correction_is_rejected_and_counted(chain):
@@ -115,7 +88,7 @@ def test_raise_after_acceptance_leaves_accepted_state_with_corrected_velocities(
     inner = VonMisesTorsionProposal(torsions, kappa=0.0)  # uniform: accepted often on this chain
     # raise on the second call: the first call's batch must contain an acceptance, so try seeds until one does
     for seed in range(50):
-        proposal = Faulty(inner, "none", rate=0.0, raise_on_call=2)
+        proposal = Faulty(inner, None, rate=0.0, raise_on_call=2)
         engine = MetropolisHastingsEngine(proposal, n_proposals=8, seed=seed)
         context = langevin_context(molsys, timestep_fs=1.0, seed=seed, minimize=False)
         with pytest.raises(RuntimeError, match="proposal failed"):
