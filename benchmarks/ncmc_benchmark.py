@@ -5,7 +5,8 @@
 
 Methods, each for the same wall time on the same prepared structure (minimised, equilibrated): MD (2 fs
 LangevinMiddle, the system's barostat); MD + the learned move applied instantaneously (ncmc_steps 0); MD +
-the NCMC learned move at each ``--ncmc-steps`` length; parallel tempering (openmmtools) with the replicas water
+the NCMC learned move at each ``--ncmc-steps`` length with each ``--protocols`` (the solute softened around a
+midpoint jump, or the torsions dragged by a moving restraint); parallel tempering (openmmtools) with the replicas water
 needs, estimated from the potential-energy fluctuation of the MD run: n = 1 + ln(T_max/T_min) / r,
 r = 1.46 kT / sigma_U for about 30 % neighbour acceptance between Gaussian energy distributions
 (erfc(sigma_U dbeta / 2) = 0.3), sigma_U growing with T. The learned move is the shipped torsion diffusion
@@ -85,11 +86,12 @@ def _proposal(kind: str, molsys, model):
     return basin_proposal(molsys) if kind == "basins" else solute_diffusion_proposal(model, molsys)
 
 
-def _ncmc_run(molsys, proposal, steps: int, seconds: float, settings, args, positions, label: str, seed: int):
+def _ncmc_run(molsys, proposal, steps: int, seconds: float, settings, args, positions, label: str, seed: int,
+              protocol: str = "decouple"):
     from openmm_confsample.bench.samplers import run_md_with_moves
     from openmm_confsample.moves.ncmc import NCMCEngine
 
-    engine = NCMCEngine.for_system(proposal, molsys, ncmc_steps=steps, seed=seed,
+    engine = NCMCEngine.for_system(proposal, molsys, ncmc_steps=steps, seed=seed, protocol=protocol,
                                    electrostatics_midpoint=args.electrostatics_midpoint,
                                    sterics_midpoint=args.sterics_midpoint)
     return run_md_with_moves(molsys, engine, seconds, md_steps_per_segment=settings["md_steps_per_segment"],
@@ -97,8 +99,10 @@ def _ncmc_run(molsys, proposal, steps: int, seconds: float, settings, args, posi
                              method=label, progress=not args.quiet, positions_nm=positions, cvs=("phi", "psi"))
 
 
-def _method(steps: int) -> str:
-    return "MD+instantaneous" if steps == 0 else f"MD+NCMC({steps})"
+def _method(steps: int, protocol: str = "decouple") -> str:
+    if steps == 0:
+        return "MD+instantaneous"
+    return f"MD+NCMC({steps})" if protocol == "decouple" else f"MD+NCMC-drive({steps})"
 
 
 def _protocol_rows(runs, md_ms_per_step: float) -> list[dict]:
@@ -106,7 +110,10 @@ def _protocol_rows(runs, md_ms_per_step: float) -> list[dict]:
     for run in runs:
         stats = run.acceptance
         ms = 1e3 * stats["total_seconds"] / max(stats["n_proposed"], 1)
-        rows.append({"method": run.method, "ncmc_steps": stats.get("ncmc_steps", 0), "moves": stats["n_proposed"],
+        protocol = ("instantaneous" if not stats.get("ncmc_steps")
+                    else "drive" if "drive" in run.method else "decouple")
+        rows.append({"method": run.method, "protocol": protocol, "ncmc_steps": stats.get("ncmc_steps", 0),
+                     "moves": stats["n_proposed"],
                      "acceptance": stats["acceptance_rate"], "ms_per_move": ms,
                      "md_step_equivalents_per_move": stats.get("md_step_equivalents_per_move", 1.0),
                      "measured_md_steps_per_move": ms / md_ms_per_step if md_ms_per_step else float("nan"),
@@ -115,10 +122,11 @@ def _protocol_rows(runs, md_ms_per_step: float) -> list[dict]:
 
 
 def _protocol_table(rows) -> str:
-    lines = ["| method | ncmc steps | moves | acceptance | ms/move | MD-step equiv./move (counted) | (measured) "
-             "| mean work (kT) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | protocol | ncmc steps | moves | acceptance | ms/move | MD-step equiv./move (counted) "
+             "| (measured) | mean work (kT) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['ncmc_steps']} | {r['moves']} | {r['acceptance']:.3f} | {r['ms_per_move']:.0f} "
+        lines.append(f"| {r['method']} | {r['protocol']} | {r['ncmc_steps']} | {r['moves']} | {r['acceptance']:.3f} "
+                     f"| {r['ms_per_move']:.0f} "
                      f"| {r['md_step_equivalents_per_move']:.0f} | {r['measured_md_steps_per_move']:.0f} "
                      f"| {r['mean_work_kT']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -130,17 +138,24 @@ def _plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["ncmc_steps"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    acceptance = [r["acceptance"] for r in rows]
-    left.plot(steps, acceptance, "o-")
-    for x, y, r in zip(steps, acceptance, rows):
-        left.annotate(f"{round(r['acceptance'] * r['moves'])}/{r['moves']}", (x, y), textcoords="offset points",
-                      xytext=(0, 6), ha="center", fontsize=8)
+    instantaneous = [r for r in rows if r["protocol"] == "instantaneous"]
+    for protocol, marker in (("decouple", "o-"), ("drive", "s--")):
+        series = instantaneous + [r for r in rows if r["protocol"] == protocol]
+        if len(series) == len(instantaneous):
+            continue
+        label = {"decouple": "solute softened, jump at midpoint", "drive": "torsions dragged (TorsionDrive)"}[protocol]
+        left.plot([r["ncmc_steps"] for r in series], [r["acceptance"] for r in series], marker, label=label)
+        for r in series[len(instantaneous):] if protocol == "drive" and len(rows) > len(series) else series:
+            left.annotate(f"{round(r['acceptance'] * r['moves'])}/{r['moves']}", (r["ncmc_steps"], r["acceptance"]),
+                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        worked = [r for r in series if r["ncmc_steps"] > 0 and math.isfinite(r["mean_work_kT"])]
+        right.plot([r["ncmc_steps"] for r in worked], [r["mean_work_kT"] for r in worked], marker, label=label)
     left.set(xlabel="NCMC protocol length (steps; 0 = instantaneous)", ylabel="acceptance",
-             ylim=(0, max(0.05, 1.3 * max(acceptance))), title="acceptance against protocol length")
-    right.plot(steps, [r["ms_per_move"] for r in rows], "o-")
-    right.set(xlabel="NCMC protocol length (steps)", ylabel="ms per move", title="cost per move")
+             ylim=(0, max(0.05, 1.3 * max(r["acceptance"] for r in rows))), title="acceptance against protocol length")
+    left.legend(fontsize=7)
+    right.set(xlabel="NCMC protocol length (steps)", ylabel="mean work (kT)", title="mean protocol work",
+              xscale="log", yscale="log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -160,6 +175,9 @@ def main(argv=None) -> int:
                         help="wall seconds of each independent check run (the other proposal)")
     parser.add_argument("--ncmc-steps", type=int, nargs="+", default=None, help="protocol lengths (0: instantaneous)")
     parser.add_argument("--proposal", choices=("diffusion", "basins"), default="diffusion")
+    parser.add_argument("--protocols", nargs="+", choices=("decouple", "drive"), default=["decouple", "drive"],
+                        help="NCMC protocols run at each length: decouple (solute softened, jump at the midpoint), "
+                             "drive (torsions dragged by a moving restraint); default both")
     parser.add_argument("--electrostatics-midpoint", type=float, default=0.0, help="lambda_electrostatics at the jump")
     parser.add_argument("--sterics-midpoint", type=float, default=0.5, help="lambda_sterics at the jump")
     parser.add_argument("--model", default="alanine-dipeptide", help="torsion diffusion model (name or path)")
@@ -194,13 +212,14 @@ def main(argv=None) -> int:
     other_kind = "basins" if args.proposal == "diffusion" else "diffusion"
     move_runs, checks = [], {}
     for i, steps in enumerate(settings["ncmc_steps"]):
-        move_runs.append(_ncmc_run(molsys, learned, steps, settings["seconds"], settings, args, positions,
-                                   _method(steps), args.seed + 1 + i))
-        if steps > 0 and settings["check_seconds"] > 0:
-            other = _proposal(other_kind, molsys, args.model)
-            check = _ncmc_run(molsys, other, steps, settings["check_seconds"], settings, args, positions,
-                              f"check: {other_kind} NCMC({steps})", args.seed + 101 + i)
-            checks[_method(steps)] = check
+        for k, protocol in enumerate(args.protocols if steps > 0 else args.protocols[:1]):
+            method = _method(steps, protocol)
+            move_runs.append(_ncmc_run(molsys, learned, steps, settings["seconds"], settings, args, positions,
+                                       method, args.seed + 1 + i + 50 * k, protocol))
+            if steps > 0 and settings["check_seconds"] > 0:
+                other = _proposal(other_kind, molsys, args.model)
+                checks[method] = _ncmc_run(molsys, other, steps, settings["check_seconds"], settings, args, positions,
+                                           f"check: {other_kind} {method[3:]}", args.seed + 101 + i + 50 * k, protocol)
     runs += move_runs
 
     sigma_U = _potential_sigma(molsys, positions, settings["energy_samples"], args.platform, args.seed)
@@ -229,8 +248,9 @@ def main(argv=None) -> int:
 
     header = [f"# NCMC benchmark: alanine-dipeptide-explicit ({datetime.date.today()}, {platform.node()}, "
               f"{os.cpu_count()} cores, platform {args.platform}, {'quick' if args.quick else 'full'})", "",
-              f"{settings['seconds']:g} s per method; solute softened to lambda_electrostatics "
-              f"{args.electrostatics_midpoint:g}, lambda_sterics {args.sterics_midpoint:g} at the jump; proposal: {args.proposal}"
+              f"{settings['seconds']:g} s per method; protocols: {', '.join(args.protocols)} (decouple: solute "
+              f"softened to lambda_electrostatics {args.electrostatics_midpoint:g}, lambda_sterics "
+              f"{args.sterics_midpoint:g} at the jump; drive: TorsionDrive defaults); proposal: {args.proposal}"
               f"{' (' + str(args.model) + ')' if args.proposal == 'diffusion' else ''}; MD {md_ms_per_step:.1f} ms "
               f"per 2 fs step.", "",
               f"Parallel tempering: {n_replicas} replicas {molsys.temperature_K:g}-{args.pt_t_max:g} K "

@@ -200,7 +200,8 @@ def _make_move(args, molsys, model_path, seed):
     from .moves.ncmc import NCMCMove
 
     # the same proposal, its jump relaxed by an NCMC protocol of --ncmc-steps steps (0: the instantaneous move)
-    return NCMCMove.for_system(move.proposal, molsys, args.ncmc_steps, n_attempts=1, seed=seed)
+    return NCMCMove.for_system(move.proposal, molsys, args.ncmc_steps, n_attempts=1, seed=seed,
+                               protocol=args.ncmc_protocol)
 
 
 def _make_instantaneous_move(args, molsys, model_path, seed):
@@ -275,7 +276,9 @@ def _cmd_sample(args):
         print(f"NCMC: {stats['ncmc_steps']}-step protocols, {stats.get('md_step_equivalents_per_move', 0):.0f} MD-step "
               f"equivalents per move, mean work {stats.get('mean_work_kT', 0.0):.1f} kT, "
               f"{stats.get('n_stopped_at_midpoint', 0)} refused at the midpoint, {stats.get('n_failed_protocols', 0)} "
-              "failed after it (NaN or constraint failure: rejected)")
+              "failed after it (NaN or constraint failure: rejected)"
+              + (f"; dragged torsions ended {stats['mean_drive_miss_rad']:.2f} rad from their targets on average"
+                 if stats.get("mean_drive_miss_rad") else ""))
     if walkers is not None:
         for failed in summary["failed"]:
             print(f"walker {failed} failed: {summary['walkers'][failed]['error']}")
@@ -489,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relax each move by nonequilibrium candidate MC: the solute is softened over N/2 "
                              "Langevin steps, the move's jump made, and restored over N/2 more (N even; 0: the "
                              "instantaneous move; for solvated systems, where instantaneous jumps land on water)")
+    sample.add_argument("--ncmc-protocol", choices=("decouple", "drive"), default="decouple",
+                        help="with --ncmc-steps: 'decouple' softens the solute around the jump (default); 'drive' "
+                             "drags the move's torsions to the proposed values with a moving restraint, no jump")
     sample.add_argument("--save-interval-ps", type=float, default=1.0, help="ps between saved frames (default 1)")
     _add_torsion_argument(sample, "the torsions to report (default: the move's and the system's named ones)")
     sample.add_argument("--walkers", type=int, default=None, metavar="N",

@@ -17,8 +17,9 @@ from openmm_confsample.errors import ConfSampleError
 from openmm_confsample.geometry.torsions import TorsionSet
 from openmm_confsample.moves.engine import MetropolisHastingsEngine
 from openmm_confsample.moves.ncmc import NCMCEngine, NCMCMove
-from openmm_confsample.moves.ncmc_protocol import ParameterSoftening, SoluteDecoupling
-from openmm_confsample.moves.proposals import VonMisesMixtureProposal, wrap_angle
+from openmm_confsample.moves.ncmc_protocol import (ParameterSoftening, SoluteDecoupling, TorsionDrive,
+                                                   perturbation_from_config)
+from openmm_confsample.moves.proposals import GaussianDisplacementProposal, VonMisesMixtureProposal, wrap_angle
 from openmm_confsample.moves.torsion_resampling import TorsionResamplingProposal
 from openmm_confsample.testing import (chi_square_test, coupled_torsion_system, environment_projection,
                                        environment_projection_moments, run_chain, torsion_bin_probabilities)
@@ -144,6 +145,101 @@ def test_without_the_jump_work_fails(coupled):
     assert _phi_test(coupled, phi).p_value < 1e-6
 
 
+
+# -- the dragged-torsion protocol (TorsionDrive) -----------------------------------------------------------
+DRIVE_OVRVO = dict(timestep_fs=5.0, splitting="O V R H R V O", kappa_kJ_per_mol=100.0)
+
+
+def _drive_engine(molsys, ncmc_steps, seed, **options):
+    """A TorsionDrive engine on the coupled system, the learned-density proposal (10/ps friction)."""
+    drive = {k: options.pop(k) for k in ("kappa_kJ_per_mol", "anchor_concentration", "ramp_fraction") if k in options}
+    options.setdefault("collision_rate_per_ps", 10.0)
+    return NCMCEngine(_proposal(molsys, learned=True), TorsionDrive(molsys.torsion_array, **drive), ncmc_steps,
+                      seed=seed, **options)
+
+
+@pytest.mark.slow
+def test_torsion_drive_samples_torsion_and_environment_exactly(coupled):
+    """Dragging the torsion (300 OVRVO steps at 5 fs, where the shadow work matters): both closed-form marginals
+    (p over seeds 0-4: at least 0.31; acceptance 0.23-0.26), and the well changes the instantaneous move cannot
+    make (0.08-0.10 per move)."""
+    engine = _drive_engine(coupled, 300, seed=1, **DRIVE_OVRVO)
+    phi, xi, statistics = _run(coupled, engine, 2000)
+    print(f"drive: acceptance {statistics['acceptance_rate']:.3f}, well changes per move "
+          f"{_well_changes_per_move(phi):.3f}, mean work {statistics['mean_work_kT']:.2f} kT")
+    assert statistics["acceptance_rate"] > 0.15 and _well_changes_per_move(phi) > 0.05
+    assert _phi_test(coupled, phi).p_value > 1e-3
+    assert _xi_test(coupled, xi).p_value > 1e-3
+    # the steps, plus 4 energies: the start state (run_chain passes none), the protocol's first and last, the end
+    assert statistics["md_step_equivalents_per_move"] == pytest.approx(300 + 4, abs=0.5)
+    assert 0.0 < statistics["mean_drive_miss_rad"] < 0.5
+
+
+@pytest.mark.slow
+def test_torsion_drive_with_md_default_splitting(coupled):
+    """MD + the drive at 2 fs with the default splitting, as a user runs it: both marginals (p over seeds 0-4: at
+    least 0.18)."""
+    engine = _drive_engine(coupled, 100, seed=2, timestep_fs=2.0)
+    phi, xi, statistics = _run(coupled, engine, 1500, md_steps=20)
+    assert statistics["acceptance_rate"] > 0.05
+    assert _phi_test(coupled, phi).p_value > 1e-3
+    assert _xi_test(coupled, xi).p_value > 1e-3
+
+
+@pytest.mark.slow
+def test_torsion_drive_without_shadow_work_fails(coupled):
+    """Negative control: the drive's work without the integrator's shadow work (the restraint's work only) gets
+    the environment's marginal wrong (seeds 0-4: p at most 6e-12)."""
+    engine = _drive_engine(coupled, 300, seed=1, measure_protocol_work=True, **DRIVE_OVRVO)
+    engine._wrong_work = "no_shadow"
+    _, xi, _ = _run(coupled, engine, 2000)
+    assert _xi_test(coupled, xi).p_value < 1e-6
+
+
+def test_torsion_drive_schedule_reads_the_same_backwards(coupled):
+    """kappa(1 - lambda) = kappa(lambda) and a + p(1 - lambda) d = b - p(lambda) d: the reverse protocol drags
+    b to a."""
+    drive = TorsionDrive(coupled.torsion_array, kappa_kJ_per_mol=50.0, ramp_fraction=0.2)
+    functions = drive.functions(coupled.system)
+    lam = np.linspace(0.0, 1.0, 101)
+    kappa, progress = (np.array([eval(functions[name].replace("lambda", "lam"), {"min": min, "max": max}, {"lam": x})
+                                 for x in lam]) for name in ("drive_kappa", "drive_progress"))  # Lepton reads as Python
+    np.testing.assert_allclose(kappa, kappa[::-1], atol=1e-12)
+    np.testing.assert_allclose(progress + progress[::-1], 1.0, atol=1e-12)
+    assert kappa[0] == kappa[-1] == 0.0 and kappa.max() == 50.0 and progress[20] == 0.0 and progress[80] == 1.0
+    assert perturbation_from_config(drive.get_config()).get_config() == drive.get_config()
+
+
+def test_torsion_drive_restraint_energy(coupled):
+    """The restraint is kappa (1 - cos(theta - a - p d)) on the torsion as dihedral_angles measures it."""
+    drive = TorsionDrive(coupled.torsion_array)
+    system = drive.build_system(coupled.system)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    x = _torsions(coupled).set_values(coupled.positions_nm, [1.0])
+    context.setPositions(x)
+    context.setParameter("drive_kappa", 100.0)
+    context.setParameter("drive_progress", 0.5)
+    for anchor, displacement, expected in ((0.5, 1.0, 0.0), (-1.0, 0.4, 100.0 * (1 - np.cos(1.8)))):
+        TorsionDrive.set_path(TorsionDrive.drive_force(system), context, [anchor], [displacement])
+        energy = context.getState(getEnergy=True, groups={31}).getPotentialEnergy()
+        assert energy.value_in_unit(unit.kilojoule_per_mole) == pytest.approx(expected, abs=1e-9)
+
+
+def test_torsion_drive_bad_input(coupled):
+    with pytest.raises(ConfSampleError, match="ramp_fraction must be in \\(0, 0.5\\)"):
+        TorsionDrive(coupled.torsion_array, ramp_fraction=0.5)
+    with pytest.raises(ConfSampleError, match="non-empty \\(k, 4\\) array"):
+        TorsionDrive([[0, 1, 2]])
+    with pytest.raises(ConfSampleError, match="needs a proposal with a torsion density"):
+        NCMCEngine(GaussianDisplacementProposal(0.01), TorsionDrive(coupled.torsion_array), 10)
+    with pytest.raises(ConfSampleError, match="drags torsions \\[\\[3, 2, 1, 0\\]\\] but the proposal samples"):
+        NCMCEngine(_proposal(coupled), TorsionDrive([[3, 2, 1, 0]]), 10)
+    with pytest.raises(ConfSampleError, match="protocol must be 'decouple'"):
+        NCMCEngine.for_system(_proposal(coupled), coupled, protocol="jump")
+    engine = NCMCEngine.for_system(_proposal(coupled), coupled, ncmc_steps=10, protocol="drive")
+    assert isinstance(engine.perturbation, TorsionDrive)
+
+
 # -- the Context after a move ------------------------------------------------------------------------------
 def _context(molsys, seed=0):
     from openmm_confsample.runner import langevin_context
@@ -252,6 +348,24 @@ def test_openmmtools_sequence_copy_and_state(coupled):
     restored.__setstate__(move.__getstate__())
     assert restored.engine.perturbation.midpoints == SOFTEN and restored.engine.ncmc_steps == 10
 
+
+def test_drive_move_in_sequence_and_from_stored_state(coupled):
+    """The dragged-torsion move with a softening in an openmmtools SequenceMove; its state restores the drive."""
+    from openmmtools import cache, mcmc
+
+    drive = TorsionDrive(coupled.torsion_array, kappa_kJ_per_mol=100.0,
+                         softening=ParameterSoftening({"coupling_scale": 0.5}))
+    move = NCMCMove(_proposal(coupled, learned=False), drive, ncmc_steps=20, seed=10)
+    sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(n_steps=10, timestep=1.0 * unit.femtosecond), move])
+    sampler = mcmc.MCMCSampler(coupled.thermodynamic_state(), coupled.sampler_state(), sequence)
+    sampler.run(n_iterations=5, context_cache=cache.ContextCache(platform=openmm.Platform.getPlatformByName("Reference")))
+    statistics = move.statistics
+    assert statistics["n_protocols"] == 5 and statistics["n_protocol_steps"] == 100
+    assert 0.0 < statistics["mean_drive_miss_rad"] < np.pi
+    restored = NCMCMove.__new__(NCMCMove)
+    restored.__setstate__(move.__getstate__())
+    assert restored.engine.perturbation.get_config() == drive.get_config()
+    assert restored.engine.perturbation.softening.midpoints == {"coupling_scale": 0.5}
 
 def test_parallel_tempering_with_storage(coupled, tmp_path):
     from openmmtools import cache, mcmc, multistate
@@ -415,6 +529,11 @@ def test_cli_sample_explicit_with_ncmc_steps(tmp_path, capsys):
                  "--out", str(tmp_path / "instant"), "--quiet"]) == 0
     stats = json.load(open(tmp_path / "instant" / "summary.json"))["move_statistics"]
     assert stats["ncmc_steps"] == 0 and stats["n_protocols"] == 0 and stats["n_moves"] == 2
+    assert main(["sample", "alanine-dipeptide-explicit", "--model", "alanine-dipeptide", "--ncmc-steps", "10",
+                 "--ncmc-protocol", "drive", "--length-ps", "0.1", "--move-interval", "50", "--save-interval-ps", "0.1",
+                 "--out", str(tmp_path / "drive"), "--quiet"]) == 0
+    stats = json.load(open(tmp_path / "drive" / "summary.json"))["move_statistics"]
+    assert stats["n_protocols"] == 1 and stats["n_protocol_steps"] == 10 and "mean_drive_miss_rad" in stats
     assert main(["sample", "alanine-dipeptide-explicit", "--move", "timewarp", "--model",
                  "alanine-dipeptide-timewarp", "--ncmc-steps", "10", "--out", str(tmp_path / "tw")]) == 2
     assert "Timewarp proposes every atom's position" in capsys.readouterr().err

@@ -42,6 +42,24 @@ user's System at lambda = 1: switching from the user's potential to the copy's a
 end adds u(x_T) - u_copy(x_T) - [u(x0) - u_copy(x0)] to W. The velocities the Context gets are on-step
 samples of pi (a velocity reassignment, for the user's integrator), so no half-step correction is applied
 (``sets_velocities``). ``ncmc_steps = 0`` is the instantaneous move: the plain MH step of the engine.
+
+The dragged-torsion protocol (:class:`~.ncmc_protocol.TorsionDrive`)
+---------------------------------------------------------------------
+No jump and nothing softened: a restraint kappa(lambda) sum_i [1 - cos(theta_i - a_i - p(lambda) d_i)] on the
+proposal's torsions is switched on at an anchor a, its centre dragged along the shorter arc d to a target b,
+and switched off, all in ``ncmc_steps`` steps of the same integrator, so the water moves aside as the solute
+turns. The proposal must be an independence proposal with a torsion density q (``sample_torsions`` and
+``log_density``). The auxiliary pair (a, b) is drawn as a ~ VM(theta(x0), c) (von Mises about the current
+torsions, concentration c = ``anchor_concentration``) and b ~ q; the reverse move, from the end state, would
+draw its anchor b about theta(x_T) and its target a from q, and drive the schedule that is ours read backwards
+(kappa is symmetric in lambda, and a + p(1 - lambda) d = b - p(lambda) d). By the argument above (steps 1, 3,
+4, with no jump and no refresh) the path ratio is exp(-W) times the ratio of the auxiliary densities, so
+
+    min(1, exp(-W) VM(b; theta(x_T), c) q(a) / [VM(a; theta(x0), c) q(b)])
+
+is exact, whatever the end torsions theta(x_T) are (the restraint need not land on b). W = Delta E - Q again
+includes the restraint's work and the integrator's shadow work; the restraint is off at both ends, so the
+protocol's potential there is the user's (no endpoint term beyond the box-fixed copy's).
 """
 
 from __future__ import annotations
@@ -55,13 +73,15 @@ from openmm import unit
 
 from ..checks import positive_float, positive_int
 from ..errors import ConfSampleError
+from ..geometry.torsions import dihedral_angles
 from ..runner import openmm_seed
 from ..systems.builders import as_molecular_system
 from ..units import KJ_PER_MOL as _KJ, MOLAR_GAS_CONSTANT_KJ, NM as _NM
 from .engine import MetropolisHastingsEngine, MoveResult, Proposal, _checked_kT, _finite_forces
 from .mcmc import LearnedMCMCMove
-from .ncmc_protocol import (SPLITTING, NCMCIntegrator, Perturbation, SoluteDecoupling, check_splitting,
-                            perturbation_from_config)
+from .ncmc_protocol import (SPLITTING, NCMCIntegrator, Perturbation, SoluteDecoupling, TorsionDrive,
+                            check_splitting, perturbation_from_config)
+from .proposals import von_mises_logpdf, wrap_angle
 
 __all__ = ["NCMCEngine", "NCMCMove", "solute_diffusion_proposal"]
 
@@ -69,7 +89,7 @@ _NM_PER_PS = _NM / unit.picosecond
 #: NCMC statistics on top of the engine's (plain numbers; kept through openmmtools storage).
 _NCMC_KEYS = {"n_protocols": 0, "n_protocol_steps": 0, "n_energy_evaluations": 0, "n_stopped_at_midpoint": 0,
               "n_failed_protocols": 0, "protocol_seconds": 0.0, "sum_work_kT": 0.0, "sum_jump_work_kT": 0.0,
-              "sum_protocol_work_kT": 0.0}
+              "sum_protocol_work_kT": 0.0, "sum_drive_miss_rad": 0.0}
 
 
 class _ProtocolContext:
@@ -90,6 +110,7 @@ class _ProtocolContext:
             except openmm.OpenMMException:
                 pass
         self.context = openmm.Context(system, self.integrator, platform, properties)
+        self.drive_force = TorsionDrive.drive_force(system) if isinstance(engine.perturbation, TorsionDrive) else None
         self.masses_amu = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                     for i in range(system.getNumParticles())])
 
@@ -176,6 +197,8 @@ class NCMCEngine(MetropolisHastingsEngine):
         if self.ncmc_steps % 2:
             raise ConfSampleError(f"ncmc_steps must be even (half before, half after the midpoint jump), got "
                                   f"{self.ncmc_steps}.")
+        if isinstance(perturbation, TorsionDrive):
+            _check_drivable(proposal, perturbation)
         self.perturbation = perturbation
         self.timestep_fs = positive_float(timestep_fs, "timestep_fs")
         self.collision_rate_per_ps = positive_float(collision_rate_per_ps, "collision_rate_per_ps", allow_zero=True)
@@ -188,8 +211,11 @@ class NCMCEngine(MetropolisHastingsEngine):
 
     @classmethod
     def for_system(cls, proposal: Proposal, molecular_system, ncmc_steps: int = 1000, electrostatics_midpoint=0.0,
-                   sterics_midpoint=0.5, solute_atoms=None, timestep_fs=None, **options) -> "NCMCEngine":
-        """An engine that softens the solute of a solvated ``molecular_system`` (its ``solute_atoms`` by default).
+                   sterics_midpoint=0.5, solute_atoms=None, timestep_fs=None, protocol: str = "decouple",
+                   **options) -> "NCMCEngine":
+        """An engine that softens the solute of a solvated ``molecular_system`` (its ``solute_atoms`` by default),
+        or, with ``protocol="drive"``, drags the proposal's torsions with :class:`~.ncmc_protocol.TorsionDrive`
+        (its defaults; build one yourself for other settings).
 
         Midpoints as for :class:`~.ncmc_protocol.SoluteDecoupling`: by default the solute's charges off and
         its sterics halved (alanine dipeptide in water, 1000-step protocols with basin jumps: mean work 46 kT
@@ -206,6 +232,14 @@ class NCMCEngine(MetropolisHastingsEngine):
             raise ConfSampleError(f"the proposal's torsions {np.asarray(moved).tolist()} include atoms outside the "
                                   f"solute of '{molecular_system.name}'; learned moves act on the solute only.")
         timestep_fs = timestep_fs or getattr(molecular_system, "timestep_fs", None) or 2.0
+        if protocol == "drive":
+            if moved is None:
+                raise ConfSampleError(f"protocol 'drive' drags torsions; the proposal {type(proposal).__name__} has no "
+                                      "torsion_set.")
+            return cls(proposal, TorsionDrive(moved), ncmc_steps, timestep_fs, **options)
+        if protocol != "decouple":
+            raise ConfSampleError(f"protocol must be 'decouple' (soften the solute, jump at the midpoint) or 'drive' "
+                                  f"(drag the torsions), got {protocol!r}.")
         return cls(proposal, SoluteDecoupling(solute, electrostatics_midpoint, sterics_midpoint), ncmc_steps,
                    timestep_fs, **options)
 
@@ -230,6 +264,7 @@ class NCMCEngine(MetropolisHastingsEngine):
         completed = n - stats["n_stopped_at_midpoint"] - stats["n_failed_protocols"]
         for name in ("work", "jump_work") + (("protocol_work",) if self.measure_protocol_work else ()):
             stats[f"mean_{name}_kT"] = stats[f"sum_{name}_kT"] / completed if completed > 0 else 0.0
+        stats["mean_drive_miss_rad"] = stats["sum_drive_miss_rad"] / completed if completed > 0 else 0.0
         stats["md_step_equivalents"] = stats["n_protocol_steps"] + stats["n_energy_evaluations"]
         stats["md_step_equivalents_per_move"] = stats["md_step_equivalents"] / max(stats["n_proposed"], 1)
         return stats
@@ -297,7 +332,7 @@ class NCMCEngine(MetropolisHastingsEngine):
                 ncmc["sum_work_kT"] += work_kT + endpoint_kT
                 ncmc["sum_jump_work_kT"] += jump_kT
                 ncmc["sum_protocol_work_kT"] += h_work_kT
-                work = {None: work_kT, "no_shadow": h_work_kT + jump_kT, "no_jump": work_kT - jump_kT}[self._wrong_work]
+                work = {"no_shadow": h_work_kT + jump_kT, "no_jump": work_kT - jump_kT}.get(self._wrong_work, work_kT)
                 if self._accept(context, u_t, correction - work - endpoint_kT):
                     context.setVelocities(v_t)
                     stats["n_accepted"] += 1
@@ -328,6 +363,8 @@ class NCMCEngine(MetropolisHastingsEngine):
         refused (at the midpoint, or non-finite), else (x_T nm, v_T nm/ps, u_copy(x_T) - u_copy(x0) kJ/mol,
         W kT, the H steps' work kT (0 unless measured), the jump's work kT, the proposal's log correction);
         W without endpoint terms."""
+        if isinstance(self.perturbation, TorsionDrive):
+            return self._run_drive(protocol, kT, k_start_kJ)
         stats, ncmc = self._stats, self._ncmc
         t0 = time.perf_counter()
         u_start = protocol.potential_kJ()
@@ -388,6 +425,64 @@ class NCMCEngine(MetropolisHastingsEngine):
         work_kJ = (u_t + protocol.kinetic_kJ(v_t)) - (u_start + k_start_kJ) - heat_kJ
         h_work_kJ = protocol.integrator.getGlobalVariableByName("protocol_work")
         return x_t, v_t, u_t - u_start, work_kJ / kT, h_work_kJ / kT, (u_jumped - u_m) / kT, correction
+
+    def _run_drive(self, protocol: _ProtocolContext, kT: float, k_start_kJ: float):
+        """A :class:`~.ncmc_protocol.TorsionDrive` protocol from the state set in ``protocol``; returns as
+        :meth:`_run_protocol` (the jump's work is 0: there is none)."""
+        stats, ncmc = self._stats, self._ncmc
+        drive = self.perturbation
+        concentration = drive.anchor_concentration
+        t0 = time.perf_counter()
+        target, log_q_target = self.proposal.sample_torsions(1, self.rng)
+        target, log_q_target = np.asarray(target[0], dtype=float), float(log_q_target[0])
+        stats["proposal_seconds"] += time.perf_counter() - t0
+        if not (math.isfinite(log_q_target) and np.isfinite(target).all()):
+            stats["n_nonfinite"] += 1
+            ncmc["n_stopped_at_midpoint"] += 1
+            return None
+        state = protocol.context.getState(getPositions=True, getEnergy=True)
+        theta_0 = dihedral_angles(state.getPositions(asNumpy=True).value_in_unit(_NM), drive.torsions)
+        u_start = state.getPotentialEnergy().value_in_unit(_KJ)  # the restraint is off at lambda = 0
+        anchor = wrap_angle(theta_0 + self.rng.vonmises(0.0, concentration, size=theta_0.shape))
+        TorsionDrive.set_path(protocol.drive_force, protocol.context, anchor, wrap_angle(target - anchor))
+        ncmc["n_protocols"] += 1
+        ncmc["n_protocol_steps"] += self.ncmc_steps
+        ncmc["n_energy_evaluations"] += 2
+        try:
+            protocol.integrator.step(self.ncmc_steps)
+            x_t, v_t, u_t = protocol.read()
+        except openmm.OpenMMException:
+            x_t = v_t = None
+        ncmc["protocol_seconds"] += time.perf_counter() - t0
+        if x_t is None or not (math.isfinite(u_t) and np.isfinite(x_t).all() and np.isfinite(v_t).all()):
+            stats["n_nonfinite"] += 1
+            ncmc["n_failed_protocols"] += 1
+            return None
+        theta_t = dihedral_angles(x_t, drive.torsions)
+        ncmc["sum_drive_miss_rad"] += float(np.mean(np.abs(wrap_angle(theta_t - target))))
+        t0 = time.perf_counter()
+        log_q_anchor = float(self.proposal.log_density(anchor[None])[0])
+        stats["proposal_seconds"] += time.perf_counter() - t0
+        # the reverse move draws its anchor (our target) about theta_T and its target (our anchor) from q
+        anchors = (float(von_mises_logpdf(target, theta_t, concentration).sum())
+                   - float(von_mises_logpdf(anchor, theta_0, concentration).sum()))
+        correction = {"no_anchor_terms": log_q_anchor - log_q_target, "no_q_terms": anchors}.get(
+            self._wrong_work, log_q_anchor - log_q_target + anchors)
+        heat_kJ = protocol.integrator.getGlobalVariableByName("heat")
+        work_kJ = (u_t + protocol.kinetic_kJ(v_t)) - (u_start + k_start_kJ) - heat_kJ
+        h_work_kJ = protocol.integrator.getGlobalVariableByName("protocol_work")
+        return x_t, v_t, u_t - u_start, work_kJ / kT, h_work_kJ / kT, 0.0, correction
+
+def _check_drivable(proposal: Proposal, drive: TorsionDrive) -> None:
+    """ConfSampleError unless ``proposal`` is an independence proposal over exactly the torsions ``drive`` drags."""
+    if not (callable(getattr(proposal, "sample_torsions", None)) and callable(getattr(proposal, "log_density", None))):
+        raise ConfSampleError(f"a TorsionDrive protocol needs a proposal with a torsion density (sample_torsions and "
+                              f"log_density: TorsionResamplingProposal, TorsionDiffusionProposal, "
+                              f"VonMisesMixtureProposal), got {type(proposal).__name__}.")
+    torsions = np.asarray(getattr(getattr(proposal, "torsion_set", None), "torsions", np.empty((0, 4))))
+    if torsions.shape != drive.torsions.shape or not np.array_equal(torsions, drive.torsions):
+        raise ConfSampleError(f"the TorsionDrive drags torsions {drive.torsions.tolist()} but the proposal samples "
+                              f"{torsions.tolist()}; they must be the same, in the same order.")
 
 
 def _potential_kJ(context: openmm.Context) -> float:

@@ -8,7 +8,10 @@ the whole protocol):
 * :class:`SoluteDecoupling` -- the solute's charges, then its steric interactions with its environment
   softened with openmmtools' ``AbsoluteAlchemicalFactory`` (``lambda_electrostatics``, ``lambda_sterics``);
 * :class:`ParameterSoftening` -- global parameters the System already has (e.g. a coupling constant of a
-  test system), each moved from its default value to a midpoint value.
+  test system), each moved from its default value to a midpoint value;
+* :class:`TorsionDrive` -- nothing softened: a restraint on the proposal's torsions, switched on, dragged from
+  an anchor near the current torsions to the proposed ones, and switched off (no midpoint jump; the
+  environment relaxes all the way).
 
 Every schedule is a function of s = 1 - |2 lambda - 1|, which rises from 0 to 1 at the midpoint and falls back:
 the protocol is time-symmetric by construction (the exactness argument in :mod:`.ncmc` needs this). With
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import openmm
 from openmm import unit
 from openmmtools.integrators import AlchemicalNonequilibriumLangevinIntegrator
@@ -32,8 +36,8 @@ from openmmtools.integrators import AlchemicalNonequilibriumLangevinIntegrator
 from ..checks import positive_float
 from ..errors import ConfSampleError
 
-__all__ = ["WORK_GROUP", "SPLITTING", "Perturbation", "SoluteDecoupling", "ParameterSoftening", "NCMCIntegrator",
-           "check_splitting", "perturbation_from_config"]
+__all__ = ["WORK_GROUP", "SPLITTING", "Perturbation", "SoluteDecoupling", "ParameterSoftening", "TorsionDrive",
+           "NCMCIntegrator", "check_splitting", "perturbation_from_config"]
 
 #: Force group of the forces the protocol changes (the H step reads only its energy).
 WORK_GROUP = 31
@@ -203,8 +207,113 @@ class SoluteDecoupling(Perturbation):
                 "sterics_midpoint": self.midpoints["lambda_sterics"]}
 
 
+class TorsionDrive(Perturbation):
+    """Drag torsions to proposed values with a moving restraint, the environment relaxing all along.
+
+    The protocol System is the user's (at fixed box) plus, in force group :data:`WORK_GROUP`,
+
+        U_drive = kappa(lambda) sum_i [1 - cos(theta_i - a_i - p(lambda) d_i)]
+
+    on the driven torsions theta_i: kappa rises from 0 to ``kappa_kJ_per_mol`` over the first ``ramp_fraction``
+    of the protocol while the centre stays at the anchor a, the centre moves along the shorter arc d = b - a
+    (wrapped) to the target b while p goes from 0 to 1, and kappa falls back to 0 over the last
+    ``ramp_fraction``. Both ends are the user's potential (kappa = 0). Read backwards, the schedule is the one
+    that drags from b to a: ``kappa(1 - lambda) = kappa(lambda)`` and ``a + p(1 - lambda) d = b - p(lambda) d``,
+    which is what makes the move exact (:mod:`.ncmc`).
+
+    The engine draws the target b from the proposal's torsion density q and the anchor a from a von Mises
+    distribution of concentration ``anchor_concentration`` about the current torsions; the reverse move would
+    draw a from q and b about the end state's torsions, so the Hastings term is
+    log VM(b; theta_T) + log q(a) - log VM(a; theta_0) - log q(b).
+
+    Parameters
+    ----------
+    torsions : (k, 4) int
+        The driven torsions (a proposal's ``torsion_set.torsions``).
+    kappa_kJ_per_mol : float, default 400
+        Restraint strength at full strength (400 kJ/mol: about 0.08 rad thermal width at 300 K, stiff
+        enough to drag phi of alanine dipeptide over its barriers).
+    ramp_fraction : float in (0, 0.5), default 0.1
+        Fraction of the protocol spent switching the restraint on (and the same switching it off).
+    anchor_concentration : float, default 10
+        Concentration (1/rad^2) of the anchor's and the reverse target's von Mises draws about the current
+        torsions (10: about 0.3 rad wide, the width of a torsion basin).
+    softening : SoluteDecoupling or ParameterSoftening, optional
+        Also soften on its own (time-symmetric) schedule while the torsions are dragged, e.g. the solute's
+        charges halfway down at the midpoint; the union of two time-symmetric schedules is time-symmetric.
+    """
+
+    def __init__(self, torsions, kappa_kJ_per_mol: float = 400.0, ramp_fraction: float = 0.1,
+                 anchor_concentration: float = 10.0, softening: Perturbation | None = None):
+        torsions = np.asarray(torsions, dtype=np.int64)
+        if torsions.ndim != 2 or torsions.shape[1] != 4 or len(torsions) == 0 or torsions.min() < 0:
+            raise ConfSampleError(f"torsions must be a non-empty (k, 4) array of atom indices, got shape "
+                                  f"{torsions.shape}.")
+        self.torsions = torsions
+        self.kappa_kJ_per_mol = positive_float(kappa_kJ_per_mol, "kappa_kJ_per_mol")
+        self.ramp_fraction = positive_float(ramp_fraction, "ramp_fraction")
+        if not 0.0 < self.ramp_fraction < 0.5:
+            raise ConfSampleError(f"ramp_fraction must be in (0, 0.5) (on, drag, off), got {ramp_fraction}.")
+        self.anchor_concentration = positive_float(anchor_concentration, "anchor_concentration")
+        if softening is not None and not isinstance(softening, (SoluteDecoupling, ParameterSoftening)):
+            raise ConfSampleError(f"softening must be a SoluteDecoupling or ParameterSoftening, got "
+                                  f"{type(softening).__name__}.")
+        self.softening = softening
+        self.midpoints = {"drive_kappa": self.kappa_kJ_per_mol, "drive_progress": 1.0,
+                          **(softening.midpoints if softening is not None else {})}
+
+    def build_system(self, system):
+        if self.torsions.max() >= system.getNumParticles():
+            raise ConfSampleError(f"driven torsion atom {int(self.torsions.max())} is outside the System's "
+                                  f"{system.getNumParticles()} particles.")
+        built = _fixed_volume_copy(system) if self.softening is None else self.softening.build_system(system)
+        force = openmm.CustomTorsionForce("drive_kappa*(1 - cos(theta - drive_a - drive_progress*drive_d))")
+        force.addGlobalParameter("drive_kappa", 0.0)
+        force.addGlobalParameter("drive_progress", 0.0)
+        force.addPerTorsionParameter("drive_a")
+        force.addPerTorsionParameter("drive_d")
+        for i, j, k, l in self.torsions.tolist():
+            force.addTorsion(i, j, k, l, [0.0, 0.0])
+        force.setName("TorsionDrive")
+        built.addForce(force)
+        return _group_softened_forces(built, self.midpoints)
+
+    def endpoint_values(self, system):
+        softened = self.softening.endpoint_values(system) if self.softening is not None else {}
+        return {"drive_kappa": 0.0, "drive_progress": 0.0, **softened}
+
+    def functions(self, system):
+        f = self.ramp_fraction
+        softened = self.softening.functions(system) if self.softening is not None else {}
+        return {"drive_kappa": f"{self.kappa_kJ_per_mol!r}*min(1, min(lambda, 1 - lambda)/{f!r})",
+                "drive_progress": f"min(1, max(0, (lambda - {f!r})/{1.0 - 2.0 * f!r}))", **softened}
+
+    @staticmethod
+    def drive_force(system: openmm.System) -> openmm.CustomTorsionForce:
+        """The restraint that :meth:`build_system` added to ``system``."""
+        for force in system.getForces():
+            if isinstance(force, openmm.CustomTorsionForce) and force.getName() == "TorsionDrive":
+                return force
+        raise ConfSampleError("the System has no TorsionDrive restraint (build it with TorsionDrive.build_system).")
+
+    @staticmethod
+    def set_path(force: openmm.CustomTorsionForce, context: openmm.Context, anchor, displacement) -> None:
+        """Drag the torsions of ``force`` from ``anchor`` by ``displacement`` (radians) in the next protocol."""
+        path = zip(np.asarray(anchor, float).tolist(), np.asarray(displacement, float).tolist())
+        for index, (a, d) in enumerate(path):
+            i, j, k, l, _ = force.getTorsionParameters(index)
+            force.setTorsionParameters(index, i, j, k, l, [a, d])
+        force.updateParametersInContext(context)
+
+    def get_config(self):
+        return {"kind": "TorsionDrive", "torsions": self.torsions.tolist(), "kappa_kJ_per_mol": self.kappa_kJ_per_mol,
+                "ramp_fraction": self.ramp_fraction, "anchor_concentration": self.anchor_concentration,
+                "softening": None if self.softening is None else self.softening.get_config()}
+
+
 #: Stored perturbations are rebuilt from this table only (a storage file's string never picks code).
-_PERTURBATIONS = {"SoluteDecoupling": SoluteDecoupling, "ParameterSoftening": ParameterSoftening}
+_PERTURBATIONS = {"SoluteDecoupling": SoluteDecoupling, "ParameterSoftening": ParameterSoftening,
+                  "TorsionDrive": TorsionDrive}
 
 
 def perturbation_from_config(config: dict) -> Perturbation:
@@ -213,6 +322,8 @@ def perturbation_from_config(config: dict) -> Perturbation:
     kind = config.pop("kind", None)
     if kind not in _PERTURBATIONS:
         raise ConfSampleError(f"stored perturbation kind {kind!r} is not one of {sorted(_PERTURBATIONS)}.")
+    if kind == "TorsionDrive" and config.get("softening") is not None:
+        config["softening"] = perturbation_from_config(config["softening"])
     return _PERTURBATIONS[kind](**config)
 
 

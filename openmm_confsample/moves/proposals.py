@@ -181,6 +181,15 @@ class VonMisesMixtureProposal(Proposal):
         component = rng.choice(len(self.weights), size=n, p=self.weights)
         return wrap_angle(rng.vonmises(self.centers[component], self.kappas[component]))
 
+    def sample_torsions(self, n, rng):
+        """``n`` draws, (n, k) radians, and their (n,) log q (the torsion-density calls of NCMC's TorsionDrive)."""
+        angles = self.sample(n, rng)
+        return angles, self.log_prob(angles)
+
+    def log_density(self, angles):
+        """log q of (n, k) torsion angles in radians."""
+        return np.asarray(self.log_prob(angles), dtype=float).reshape(-1)
+
     def propose(self, positions_nm, n_proposals, rng):
         current = self.torsion_set.values(positions_nm)
         new = self.sample(n_proposals, rng)

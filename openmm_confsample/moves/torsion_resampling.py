@@ -120,6 +120,16 @@ class TorsionResamplingProposal(Proposal):
         self._last_angles, self._last_log_q = angles.copy(), log_q
         return log_q
 
+    def sample_torsions(self, n: int, rng: np.random.Generator):
+        """``n`` draws of the torsions, (n, k) radians, and their (n,) log q (NaN where the density refused one)."""
+        angles, log_q = self._draw(n, rng)
+        return angles.copy(), log_q.copy()
+
+    def log_density(self, angles) -> np.ndarray:
+        """log q of (n, k) torsion angles in radians."""
+        self.n_density_evaluations += 1
+        return np.asarray(self.density.log_prob(np.asarray(angles, dtype=np.float64)), dtype=np.float64).reshape(-1)
+
     def propose(self, positions_nm, n_proposals, rng):
         current = self.torsion_set.values(positions_nm)
         log_q_current = self.current_log_density(current)
