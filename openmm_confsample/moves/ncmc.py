@@ -411,20 +411,29 @@ class NCMCEngine(MetropolisHastingsEngine):
         rest = self.ncmc_steps - half
         ncmc["n_protocol_steps"] += rest
         ncmc["n_energy_evaluations"] += 1
-        try:
-            protocol.integrator.step(rest)
-            x_t, v_t, u_t = protocol.read()
-        except openmm.OpenMMException:
-            x_t = v_t = None
-        ncmc["protocol_seconds"] += time.perf_counter() - t0
-        if x_t is None or not (math.isfinite(u_t) and np.isfinite(x_t).all() and np.isfinite(v_t).all()):
-            stats["n_nonfinite"] += 1
-            ncmc["n_failed_protocols"] += 1
+        end = self._steps_to_end(protocol, rest, t0)
+        if end is None:
             return None
+        x_t, v_t, u_t = end
         heat_kJ += protocol.integrator.getGlobalVariableByName("heat")
         work_kJ = (u_t + protocol.kinetic_kJ(v_t)) - (u_start + k_start_kJ) - heat_kJ
         h_work_kJ = protocol.integrator.getGlobalVariableByName("protocol_work")
         return x_t, v_t, u_t - u_start, work_kJ / kT, h_work_kJ / kT, (u_jumped - u_m) / kT, correction
+
+    def _steps_to_end(self, protocol: _ProtocolContext, n_steps: int, t0: float):
+        """``n_steps`` protocol steps, then the end state ``(x, v, u)``; None, counted as a failed protocol, when the
+        integrator raised or anything came out non-finite. ``t0`` starts the protocol_seconds clock."""
+        try:
+            protocol.integrator.step(n_steps)
+            x_t, v_t, u_t = protocol.read()
+        except openmm.OpenMMException:
+            x_t = v_t = None
+        self._ncmc["protocol_seconds"] += time.perf_counter() - t0
+        if x_t is None or not (math.isfinite(u_t) and np.isfinite(x_t).all() and np.isfinite(v_t).all()):
+            self._stats["n_nonfinite"] += 1
+            self._ncmc["n_failed_protocols"] += 1
+            return None
+        return x_t, v_t, u_t
 
     def _run_drive(self, protocol: _ProtocolContext, kT: float, k_start_kJ: float):
         """A :class:`~.ncmc_protocol.TorsionDrive` protocol from the state set in ``protocol``; returns as
@@ -448,16 +457,10 @@ class NCMCEngine(MetropolisHastingsEngine):
         ncmc["n_protocols"] += 1
         ncmc["n_protocol_steps"] += self.ncmc_steps
         ncmc["n_energy_evaluations"] += 2
-        try:
-            protocol.integrator.step(self.ncmc_steps)
-            x_t, v_t, u_t = protocol.read()
-        except openmm.OpenMMException:
-            x_t = v_t = None
-        ncmc["protocol_seconds"] += time.perf_counter() - t0
-        if x_t is None or not (math.isfinite(u_t) and np.isfinite(x_t).all() and np.isfinite(v_t).all()):
-            stats["n_nonfinite"] += 1
-            ncmc["n_failed_protocols"] += 1
+        end = self._steps_to_end(protocol, self.ncmc_steps, t0)
+        if end is None:
             return None
+        x_t, v_t, u_t = end
         theta_t = dihedral_angles(x_t, drive.torsions)
         ncmc["sum_drive_miss_rad"] += float(np.mean(np.abs(wrap_angle(theta_t - target))))
         t0 = time.perf_counter()
