@@ -90,6 +90,27 @@ class _Broken(Proposal):
         return ProposalBatch(batch, np.array([0.0, np.nan, 0.0]))
 
 
+def test_a_blown_up_start_is_refused_in_one_sentence():
+    """NaN positions in the Context (a simulation that blew up before the move) or passed in: a ConfSampleError
+    that says so, not an error from inside the proposal; nothing is counted as a move."""
+    molsys = four_atom_torsion_system()
+    engine = MetropolisHastingsEngine(VonMisesTorsionProposal(TorsionSet(molsys.bonds, molsys.n_atoms,
+                                                                         [molsys.torsions["phi"]]), 2.0), seed=0)
+    context = molsys.create_context()
+    broken = molsys.positions_nm.copy()
+    broken[3] = np.nan
+    context.setPositions(broken)
+    with pytest.raises(ConfSampleError, match="not finite"):
+        engine.step(context, molsys.kT)
+    context.setPositions(molsys.positions_nm)
+    with pytest.raises(ConfSampleError, match="not finite"):
+        engine.step(context, molsys.kT, broken, 0.0)
+    with pytest.raises(ConfSampleError, match="potential energy of nan"):
+        engine.step(context, molsys.kT, molsys.positions_nm, float("nan"))
+    assert engine.statistics["n_moves"] == 0
+    assert engine.step(context, molsys.kT).n_tried == 1
+
+
 def test_nonfinite_proposals_are_rejected_and_counted():
     molsys = four_atom_torsion_system()
     context = molsys.create_context()

@@ -105,6 +105,19 @@ class Proposal(abc.ABC):
 _MAX_PLAUSIBLE_KT_KJ = 100.0
 
 
+def _checked_start(positions_nm, potential_kJ) -> tuple[np.ndarray, float]:
+    """The state a move starts from, as an array and a float; ConfSampleError when it is not finite (a simulation
+    that blew up before the move, or NaN passed in), instead of an error deep inside a proposal."""
+    positions_nm, potential_kJ = np.asarray(positions_nm, dtype=float), float(potential_kJ)
+    if not np.isfinite(positions_nm).all():
+        raise ConfSampleError("the move starts from positions that are not finite (NaN or inf): the simulation blew up "
+                              "before the move, or non-finite positions were passed in.")
+    if not math.isfinite(potential_kJ):
+        raise ConfSampleError(f"the move starts from a potential energy of {potential_kJ} kJ/mol, not finite: the "
+                              f"simulation blew up before the move, or the positions overlap.")
+    return positions_nm, potential_kJ
+
+
 def _checked_kT(kT_kJ) -> float:
     try:
         value = float(kT_kJ)
@@ -241,6 +254,7 @@ class MetropolisHastingsEngine:
             state = context.getState(getPositions=True, getEnergy=True)
             positions_nm = state.getPositions(asNumpy=True).value_in_unit(_NM)
             potential_kJ = state.getPotentialEnergy().value_in_unit(_KJ)
+        positions_nm, potential_kJ = _checked_start(positions_nm, potential_kJ)
         beta = 1.0 / kT_kJ
         u_current = beta * potential_kJ
 

@@ -77,7 +77,7 @@ from ..geometry.torsions import dihedral_angles
 from ..runner import openmm_seed
 from ..systems.builders import as_molecular_system
 from ..units import KJ_PER_MOL as _KJ, MOLAR_GAS_CONSTANT_KJ, NM as _NM
-from .engine import MetropolisHastingsEngine, MoveResult, Proposal, _checked_kT, _finite_forces
+from .engine import MetropolisHastingsEngine, MoveResult, Proposal, _checked_kT, _checked_start, _finite_forces
 from .mcmc import LearnedMCMCMove
 from .ncmc_protocol import (SPLITTING, NCMCIntegrator, Perturbation, SoluteDecoupling, TorsionDrive,
                             check_splitting, perturbation_from_config)
@@ -309,7 +309,8 @@ class NCMCEngine(MetropolisHastingsEngine):
             positions_nm = state.getPositions(asNumpy=True).value_in_unit(_NM)
             potential_kJ = state.getPotentialEnergy().value_in_unit(_KJ)
             ncmc["n_energy_evaluations"] += 1
-        x0, u0 = np.array(positions_nm), float(potential_kJ)
+        x0, u0 = _checked_start(positions_nm, potential_kJ)
+        x0 = x0.copy()
         stats["n_moves"] += 1
         stats["n_proposed"] += 1
         protocol = v0 = result = None
