@@ -23,7 +23,7 @@ from openmm import unit
 
 from .checks import positive_float, positive_int
 from .errors import ConfSampleError
-from .units import KJ_PER_MOL_NM as _FORCE, to_kelvin
+from .units import state_array, state_energy, to_kelvin
 
 #: Integrators whose Context velocities lag the positions by half a step.
 HALF_STEP_INTEGRATORS = (openmm.LangevinMiddleIntegrator, openmm.LangevinIntegrator, openmm.VerletIntegrator)
@@ -132,24 +132,27 @@ def run_engine_steps(context: openmm.Context, engine, kT: float, n_attempts: int
     positions = energy = None
     if correct:
         state = context.getState(getPositions=True, getEnergy=True, getForces=True, getVelocities=True)
-        positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-        energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        forces_before = state.getForces(asNumpy=True).value_in_unit(_FORCE)
-        velocities = state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
+        positions, energy = state_array(state, "positions"), state_energy(state)
+        forces_before, velocities = state_array(state, "forces"), state_array(state, "velocities")
     accepted = 0
+    forces_after = None  # of the last accepted state, where the engine read them with its energy
     completed = False
     try:
         for _ in range(n_attempts):
             result = engine.step(context, kT, positions, energy)
             positions, energy = result.positions_nm, result.potential_kJ
             accepted += result.n_accepted
+            if result.n_accepted:
+                forces_after = getattr(result, "forces", None)
         completed = True
     finally:
         if not completed:  # the step that raised still accepted some moves before it did
             partial = getattr(engine, "last_result", None)
             accepted += partial.n_accepted if partial is not None else 0
+            forces_after = None
         if correct and accepted:
-            forces_after = context.getState(getForces=True).getForces(asNumpy=True).value_in_unit(_FORCE)
+            if forces_after is None:
+                forces_after = state_array(context.getState(getForces=True), "forces")
             half_dt_ps = 0.5 * integrator.getStepSize().value_in_unit(unit.picosecond)
             context.setVelocities(velocities + half_dt_ps * (forces_before - forces_after)
                                   * _cached_inverse_masses(engine, context))

@@ -79,6 +79,14 @@ def test_conditional_draws_come_with_their_exact_log_density(rng, moved, present
     x, log_q = conditional.sample_and_log_prob(condition, 500, rng)
     assert x.shape == (500, len(moved)) and np.all((x >= -np.pi) & (x < np.pi))
     np.testing.assert_allclose(conditional.log_prob(condition, x), log_q, atol=1e-12)
+    # the scalar one-draw path of the move's hot loop: the same random numbers give the same draw and density
+    twin_a, twin_b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(20):
+        (vector, vector_log_q), (scalar, scalar_log_q) = (conditional.sample_and_log_prob(condition, 1, twin_a),
+                                                          conditional.sample_one(condition, twin_b))
+        np.testing.assert_array_equal(vector[0], scalar)
+        assert scalar_log_q == pytest.approx(vector_log_q[0], abs=1e-12)
+        assert conditional.log_prob_one(condition, scalar) == pytest.approx(scalar_log_q, abs=1e-12)
     # normalised: sum over cell centres of q * cell volume is one (the moved kinds of one block at a time)
     centres = -np.pi + (np.arange(table.n_grid) + 0.5) * table.width
     if len(moved) <= 2:

@@ -100,6 +100,30 @@ def test_raise_after_acceptance_leaves_accepted_state_with_corrected_velocities(
     np.testing.assert_allclose(_positions(context), engine.last_result.positions_nm)
 
 
+def test_velocity_correction_uses_the_forces_of_the_state_the_moves_end_in(chain):
+    """The engine hands back the accepted candidate's forces (read with its energy) and the half-step velocity
+    correction uses them instead of a second evaluation: they must be the final state's, also when several
+    engine steps each accepted a candidate."""
+    molsys, torsions = chain
+    for seed in range(20):
+        engine = MetropolisHastingsEngine(VonMisesTorsionProposal(torsions, kappa=0.0), n_proposals=3, seed=seed)
+        context = langevin_context(molsys, timestep_fs=1.0, seed=seed, minimize=False)
+        before = context.getState(getForces=True, getVelocities=True)
+        forces_before = before.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+        velocities = before.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
+        accepted = run_engine_steps(context, engine, molsys.kT, n_attempts=4)
+        if accepted >= 2:
+            break
+    assert accepted >= 2
+    after = context.getState(getForces=True, getVelocities=True)
+    forces_after = after.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+    masses = np.array([molsys.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(molsys.n_atoms)])
+    expected = velocities + 0.5e-3 * (forces_before - forces_after) / masses[:, None]
+    np.testing.assert_allclose(after.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond),
+                               expected, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(forces_before, forces_after)  # the check can fail: the moves changed the forces
+
+
 def test_interrupt_during_energy_restores_the_accepted_state(chain):
     molsys, torsions = chain
     context = molsys.create_context()

@@ -36,7 +36,7 @@ from ..errors import ConfSampleError
 from ..progress import progress_bar
 from ..runner import as_engine, langevin_context, run_engine_steps
 from ..systems import MolecularSystem
-from ..units import KJ_PER_MOL as _KJ, NM as _NM, kT_kJ_per_mol, to_kelvin
+from ..units import KJ_PER_MOL as _KJ, NM as _NM, kT_kJ_per_mol, state_array, to_kelvin
 from .observables import CollectiveVariables, Indicator
 
 __all__ = ["SamplerRun", "run_plain_md", "run_md_with_moves", "run_parallel_tempering", "plain"]
@@ -189,7 +189,7 @@ class _Clock:
 
 
 def _positions_nm(state) -> np.ndarray:
-    return state.getPositions(asNumpy=True).value_in_unit(_NM)
+    return state_array(state, "positions")
 
 
 def run_plain_md(molsys: MolecularSystem, wall_seconds: float, timestep_fs: float = 1.0, friction_per_ps: float = 1.0,

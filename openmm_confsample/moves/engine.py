@@ -37,7 +37,7 @@ import numpy as np
 import openmm
 
 from ..errors import ConfSampleError
-from ..units import KJ_PER_MOL as _KJ, NM as _NM
+from ..units import state_array, state_energy
 
 
 
@@ -134,8 +134,7 @@ def _checked_kT(kT_kJ) -> float:
 
 
 def _finite_forces(context: openmm.Context) -> bool:
-    forces = context.getState(getForces=True).getForces(asNumpy=True)._value
-    return bool(np.isfinite(forces).all())
+    return bool(np.isfinite(state_array(context.getState(getForces=True), "forces")).all())
 
 
 def _new_statistics() -> dict:
@@ -154,12 +153,17 @@ def _new_statistics() -> dict:
 
 @dataclass
 class MoveResult:
-    """What one engine step did: accepted candidates, final positions (nm) and energy (kJ/mol), candidates tried."""
+    """What one engine step did: accepted candidates, final positions (nm) and energy (kJ/mol), candidates tried.
+
+    ``forces`` ((n_atoms, 3) kJ/mol/nm) are the final state's when the step accepted a candidate and read them
+    (the engine reads them with the candidate's energy, at no extra cost), else None.
+    """
 
     n_accepted: int
     positions_nm: np.ndarray
     potential_kJ: float
     n_tried: int
+    forces: np.ndarray | None = None
 
     @property
     def accepted(self) -> bool:
@@ -252,8 +256,7 @@ class MetropolisHastingsEngine:
         self.check_context(context)
         if positions_nm is None or potential_kJ is None:
             state = context.getState(getPositions=True, getEnergy=True)
-            positions_nm = state.getPositions(asNumpy=True).value_in_unit(_NM)
-            potential_kJ = state.getPotentialEnergy().value_in_unit(_KJ)
+            positions_nm, potential_kJ = state_array(state, "positions"), state_energy(state)
         positions_nm, potential_kJ = _checked_start(positions_nm, potential_kJ)
         beta = 1.0 / kT_kJ
         u_current = beta * potential_kJ
@@ -264,6 +267,7 @@ class MetropolisHastingsEngine:
         energy_seconds = 0.0
         remaining = self.n_proposals
         touched = False
+        forces = None
         try:
             while remaining > 0:
                 t0 = time.perf_counter()
@@ -289,9 +293,10 @@ class MetropolisHastingsEngine:
                         continue
                     t0 = time.perf_counter()
                     touched = True
-                    try:
+                    try:  # forces come with the energy on OpenMM's platforms (same time measured): read once
                         context.setPositions(candidate)
-                        energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(_KJ)
+                        state = context.getState(getEnergy=True, getForces=True)
+                        energy = state_energy(state)
                     except openmm.OpenMMException:
                         energy = math.nan
                     energy_seconds += time.perf_counter() - t0
@@ -303,10 +308,11 @@ class MetropolisHastingsEngine:
                     else:
                         log_alpha = -(beta * energy - u_current) + correction
                         accept = log_alpha >= 0.0 or math.log(self.rng.random()) < log_alpha
-                    if accept and not _finite_forces(context):  # never accept a state MD cannot continue from
-                        stats["n_nonfinite"] += 1
-                        accept = False
-                    if accept:
+                    if accept:  # never accept a state MD cannot continue from
+                        candidate_forces = state_array(state, "forces")
+                        if not np.isfinite(candidate_forces).all():
+                            stats["n_nonfinite"] += 1
+                            continue
                         accepted_index = s
                         break
                 if accepted_index < 0:
@@ -315,6 +321,7 @@ class MetropolisHastingsEngine:
                 stats["n_accepted"] += 1
                 positions_nm = np.array(batch.positions[accepted_index])
                 potential_kJ = energy
+                forces = candidate_forces
                 u_current = beta * energy
                 touched = False  # the context holds the accepted candidate
                 self.proposal.accepted(batch, accepted_index)
@@ -323,5 +330,5 @@ class MetropolisHastingsEngine:
                 context.setPositions(positions_nm)
             stats["energy_seconds"] += energy_seconds
             stats["total_seconds"] += time.perf_counter() - start
-            self.last_result = MoveResult(n_accepted, positions_nm, potential_kJ, n_tried)
+            self.last_result = MoveResult(n_accepted, positions_nm, potential_kJ, n_tried, forces)
         return self.last_result

@@ -218,6 +218,8 @@ class FragmentProposal(Proposal):
     def _choose(self, n: int, rng) -> np.ndarray:
         if self.scan == "systematic":
             return (self.counter + np.arange(n)) % len(self.moves)
+        if n == 1:  # the common case, in scalar arithmetic (the same draw)
+            return np.array([min(int(self._cdf.searchsorted(rng.random(), side="right")), len(self.moves) - 1)])
         return np.minimum(np.searchsorted(self._cdf, rng.random(n), side="right"), len(self.moves) - 1)
 
     def _one(self, move: _Move, positions_nm, rng):
@@ -225,8 +227,8 @@ class FragmentProposal(Proposal):
         old = move.torsion_set.values(positions_nm)
         fixed = move.fixed.values(positions_nm) if move.fixed is not None else np.zeros(0)
         if move.conditional is not None:
-            new, log_q_new = move.conditional.sample_and_log_prob(fixed, 1, rng)
-            return new[0], float(move.conditional.log_prob(fixed, old)[0] - log_q_new[0])
+            new, log_q_new = move.conditional.sample_one(fixed, rng)
+            return new, move.conditional.log_prob_one(fixed, old) - log_q_new
         # crankshaft: psi_i + phi_{i+1} = total is kept; psi' from the fiber density r_total
         values = iter(fixed)
         phi_i = next(values) if move.fixed_present[0] else None
