@@ -287,6 +287,25 @@ def test_trained_model_round_trip_and_tables(small_model):
     assert table.probabilities[0][: table.n_grid // 2].sum() > 0.6
 
 
+def test_a_model_trained_with_other_residue_features_is_refused_in_one_sentence(tmp_path):
+    """A checkpoint whose network reads a context of another length (the package's residue features changed
+    since it was trained) is named as such, instead of a tensor-shape error."""
+    import torch
+
+    from openmm_confsample.models.checkpoint import save_checkpoint
+    from openmm_confsample.models.fragments import FragmentNetwork, FragmentTorsionModel
+    from openmm_confsample.models.fragments.model import CONTEXT_SIZE
+
+    network = FragmentNetwork(n_grid=12, order=1, hidden=4)
+    state = network.state_dict()
+    state["body.0.weight"] = torch.zeros(4, CONTEXT_SIZE - 12)  # a model of 8 features per residue
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, "fragment_torsion", {**network.config(), "uniform_weight": 0.05, "seen_residues": ["ALA"],
+                                               "seen_neighbours": ["ACE", "NME"]}, state, {})
+    with pytest.raises(ConfSampleError, match=f"reads contexts of .{CONTEXT_SIZE - 12}.* make {CONTEXT_SIZE}.*retrain"):
+        FragmentTorsionModel.load(path)
+
+
 @pytest.mark.slow
 def test_trained_model_on_the_chain_is_exact(chain, small_model):
     # the chain's "residues" are named ALA/SER/GLY: the model gives learned (ALA), zero-shot (SER) and zero-shot

@@ -6,10 +6,14 @@ neighbours' types; one model serves every peptide whose residue types it has see
 :mod:`.model`).
 
 The context vector (what the model's network reads) is, for the residue itself, a one-hot over the 20
-standard amino acids and eight hand-chosen features (Gly, Pro, beta-branched, aromatic, positive,
-negative, neutral polar, number of chi angles / 4), so that a residue type never seen in training can still
-be placed by its features (zero-shot); for each neighbour, a one-hot over the 20 types plus ACE/NME caps
-and a chain end, with the same features. A type the model never saw gets an all-zero one-hot (training
+standard amino acids and twelve hand-chosen features (Gly, Pro, beta-branched, aromatic, positive,
+negative, neutral polar, number of chi angles / 4, and for chi1..chi4 whether that torsion turns a bond
+between two tetrahedral atoms: a staggered, three-fold torsion, rather than one ending on a planar group or
+absent), so that a residue type never seen in training can still be placed by its features (zero-shot); for
+each neighbour, a one-hot over the 20 types plus ACE/NME caps and a chain end, with the same features.
+(The chi-bond features were added when a model without them, trained without Leu, proposed Leu's chi2 at
++-60-90 degrees, where the planar-ended chi2 of Phe, Trp, Asn and Asp lie, instead of the trans of the
+tetrahedral chi2 it shares with Ile, Met, Lys and Glu: side-chain acceptance 6 %.) A type the model never saw gets an all-zero one-hot (training
 drops the one-hot at random so that this means "predict from the features").
 """
 
@@ -38,8 +42,12 @@ _ALIASES = {"HIE": "HIS", "HID": "HIS", "HIP": "HIS", "HSD": "HIS", "HSE": "HIS"
 _N_CHI = {"ALA": 0, "GLY": 0, "PRO": 0, "CYS": 1, "SER": 1, "THR": 1, "VAL": 1, "ASN": 2, "ASP": 2, "HIS": 2,
           "ILE": 2, "LEU": 2, "PHE": 2, "TRP": 2, "TYR": 2, "GLN": 3, "GLU": 3, "MET": 3, "ARG": 4, "LYS": 4}
 _GROUPS = {"beta_branched": "VIT", "aromatic": "FWYH", "positive": "KR", "negative": "DE", "polar": "STNQCY"}
+#: Per residue, chi1..chi4: 1 where the torsion turns a bond between two tetrahedral (sp3) atoms.
+_TETRAHEDRAL_CHI = {"CYS": (1,), "SER": (1,), "THR": (1,), "VAL": (1,), "ASN": (1, 0), "ASP": (1, 0), "HIS": (1, 0),
+                    "PHE": (1, 0), "TRP": (1, 0), "TYR": (1, 0), "ILE": (1, 1), "LEU": (1, 1), "GLN": (1, 1, 0),
+                    "GLU": (1, 1, 0), "MET": (1, 1, 1), "ARG": (1, 1, 1, 0), "LYS": (1, 1, 1, 1)}
 _ONE = dict(zip("ARNDCQEGHILKMFPSTWYV", STANDARD_RESIDUES))
-N_FEATURES = 8
+N_FEATURES = 12
 
 
 def canonical_residue(name: str) -> str:
@@ -48,13 +56,15 @@ def canonical_residue(name: str) -> str:
 
 
 def residue_features(name: str) -> np.ndarray:
-    """(8,) float: Gly, Pro, beta-branched, aromatic, positive, negative, neutral polar, n_chi / 4 (0 if unknown)."""
+    """(12,) float: Gly, Pro, beta-branched, aromatic, positive, negative, neutral polar, n_chi / 4, and for chi1..4
+    1 where it turns a bond between two tetrahedral atoms (all 0 if unknown)."""
     name = canonical_residue(name)
     if name not in STANDARD_RESIDUES:
         return np.zeros(N_FEATURES)
     letter = {v: k for k, v in _ONE.items()}[name]
     groups = [float(letter in _GROUPS[g]) for g in ("beta_branched", "aromatic", "positive", "negative", "polar")]
-    return np.array([float(name == "GLY"), float(name == "PRO"), *groups, _N_CHI[name] / 4.0])
+    tetrahedral = list(_TETRAHEDRAL_CHI.get(name, ())) + [0] * (4 - len(_TETRAHEDRAL_CHI.get(name, ())))
+    return np.array([float(name == "GLY"), float(name == "PRO"), *groups, _N_CHI[name] / 4.0, *map(float, tetrahedral)])
 
 
 @dataclass(frozen=True)

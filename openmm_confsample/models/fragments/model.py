@@ -260,6 +260,12 @@ class FragmentTorsionModel:
         payload = load_checkpoint(path, kind=_KIND)
         config = payload["config"]
         network = FragmentNetwork(config["n_grid"], config["order"], config["hidden"])
+        first = payload["state_dict"].get("body.0.weight")
+        if first is not None and tuple(first.shape)[1:] != (CONTEXT_SIZE,):
+            raise ConfSampleError(
+                f"fragment model {str(path)!r} reads contexts of {tuple(first.shape)[1:]} values, this package's "
+                f"residue features make {CONTEXT_SIZE} (it was trained with another version's features); retrain it "
+                f"with this version (python benchmarks/make_fragment_model.py --out PATH).")
         try:
             network.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:
