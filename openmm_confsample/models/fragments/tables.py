@@ -135,14 +135,13 @@ class FragmentConditional:
             roles = tuple("moved" if a in self.moved else "fixed" if a in self.fixed else "absent" for a in axes)
             if "moved" not in roles:
                 continue
-            block = table.probabilities[BLOCKS.index(axes)]
             if roles == ("moved", "moved"):
-                rows = block.reshape(1, -1)
-            else:
-                moved_axis = roles.index("moved")
-                by_moved = block if moved_axis == 0 else block.T  # rows: the moved kind's cells
-                rows = (by_moved.T / by_moved.sum(axis=0)[:, None]) if "fixed" in roles else \
-                    by_moved.sum(axis=1)[None, :] / by_moved.sum()
+                rows = table.probabilities[BLOCKS.index(axes)].reshape(1, -1)
+            else:  # the table's own conditional at each cell of the fixed kind (its centre), or its marginal
+                kind, other = (axes if roles[0] == "moved" else axes[::-1])
+                centres = -math.pi + (np.arange(table.n_grid) + 0.5) * table.width
+                rows = np.stack([table.axis_probabilities(kind, other, c) for c in centres] if "fixed" in roles
+                                else [table.axis_probabilities(kind, other)])
             columns = tuple(self._column[a] for a, r in zip(axes, roles) if r == "moved")
             fixed = next((self.fixed.index(a) for a, r in zip(axes, roles) if r == "fixed"), None)
             self._blocks.append((columns, fixed, rows, np.cumsum(rows, axis=1), np.log(rows)))
