@@ -7,6 +7,7 @@ scans reproduce every marginal and every neighbour joint (chi-square); without t
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -448,3 +449,31 @@ def test_sample_command_runs_fragment_moves_with_the_shipped_model(tmp_path):
     per_kind = summary["fragment_statistics"]["per_kind"]
     assert sum(kind["n_proposed"] for kind in per_kind.values()) == 40
     assert {"phi:ALA2", "psi:ALA6"} <= set(summary["torsions"])
+
+
+def test_make_fragment_model_trains_twice_and_reuses_both_rounds(tmp_path, capsys):
+    """benchmarks/make_fragment_model.py: round 1 (uniform moves), a first model, round 2 with that model's moves,
+    the final model on both; a second call with the same settings reuses both rounds' frames."""
+    import importlib.util
+
+    from openmm_confsample.models.fragments import FragmentData, FragmentTorsionModel
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "make_fragment_model.py")
+    spec = importlib.util.spec_from_file_location("make_fragment_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--out", str(tmp_path / "model.pt"), "--data", str(tmp_path / "round1.npz"), "--bootstrap-data",
+            str(tmp_path / "round2.npz"), "--residues", "ALA", "VAL", "--leave-out", "VAL", "--temperatures", "300",
+            "--length-ps", "2", "--bootstrap-ps", "2", "--steps", "10", "--order", "2", "--hidden", "8", "--quiet"]
+    assert script.main(args) == 0
+    first = capsys.readouterr().out
+    assert "reusing" not in first and "first model trained" in first
+    round2 = FragmentData.load(str(tmp_path / "round2.npz"))
+    assert [s["moves_option"][:6] for s in round2.sources] == ["model:", "model:"]
+    assert [s["move_acceptance"] > 0 for s in round2.sources] == [True, True]
+    model = FragmentTorsionModel.load(str(tmp_path / "model.pt"))
+    assert list(model.seen_residues) == ["ALA"] and model.metadata["bootstrap_ps"] == 2.0
+    assert model.metadata["training"]["sources"][-1]["moves_option"].startswith("model:")
+    assert script.main(args) == 0
+    assert capsys.readouterr().out.count("reusing MD frames") == 2

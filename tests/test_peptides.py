@@ -13,7 +13,7 @@ from openmm_confsample.systems import get_system, peptides
 
 #: chi angles rigid rotations can turn (ring torsions such as Pro chi1 are left out)
 EXPECTED_CHI = {"ALA": 0, "GLY": 0, "PRO": 0, "VAL": 1, "THR": 1, "SER": 1, "ILE": 2, "LEU": 2, "PHE": 2, "TRP": 2,
-                "ASN": 2, "ASP": 2, "MET": 3, "GLU": 3, "LYS": 4}
+                "ASN": 2, "ASP": 2, "MET": 3, "GLU": 3, "LYS": 4, "GLN": 3, "ARG": 4, "CYS": 1, "HIS": 2, "TYR": 2}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_dipeptide_builds_minimised_with_named_torsions(cache, code):
 
 
 def test_dipeptide_charges_at_ph7(cache):
-    for code, charge in (("LYS", 1), ("ASP", -1), ("VAL", 0)):
+    for code, charge in (("LYS", 1), ("ARG", 1), ("ASP", -1), ("HIS", 0), ("VAL", 0)):
         molsys = get_system(f"dipeptide-{code}")
         force = next(f for f in molsys.system.getForces() if isinstance(f, openmm.NonbondedForce))
         total = sum(force.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)

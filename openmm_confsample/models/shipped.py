@@ -47,9 +47,9 @@ SHIPPED_MODELS = {model.name: model for model in (
                  "torsion diffusion on phi/psi; 120 s of MD with basin torsion moves at 300 K, 30 % of frames "
                  "phi > 0 (benchmarks/make_demo_model.py)"),
     ShippedModel("peptide-fragments", "peptide_fragments.pt", "fragment", "any capped peptide (zero-shot)",
-                 "fragment torsion tables per residue type; MD of 15 capped dipeptides except LEU (left out for the "
-                 "zero-shot check), 100 ps at 300 K and 500 K each with uniform fragment moves "
-                 "(benchmarks/make_fragment_model.py)"),
+                 "fragment torsion tables per residue type; MD of the 20 capped dipeptides except LEU (left out "
+                 "for the zero-shot check) at 300 K and 500 K: 100 ps each with uniform fragment moves, then 300 ps "
+                 "each with a first model's moves (benchmarks/make_fragment_model.py)"),
     ShippedModel("alanine-dipeptide-timewarp", "alanine_dipeptide_timewarp.pt", "timewarp",
                  "alanine-dipeptide-implicit",
                  "Timewarp flow in internal coordinates, tau = 5 ps; 6 x 1.5 ns of MD with a learned torsion bias "

@@ -49,10 +49,10 @@ STANDARD_RESIDUES = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HI
                      "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL")
 ONE_LETTER = dict(zip("ARNDCQEGHILKMFPSTWYV", STANDARD_RESIDUES))
 FORCEFIELD_FILES = ("amber99sbildn.xml", "amber99_obc.xml")
-#: The dipeptides in the registry: Gly, Pro, charged (Lys, Asp, Glu), aromatic (Phe, Trp), beta-branched
-#: (Val, Thr, Ile), and Ala, Ser, Leu, Met, Asn.
+#: The dipeptides in the registry: all 20 standard residues (Gly, Pro, charged Lys, Arg, Asp, Glu, aromatic Phe,
+#: Trp, Tyr, His (HD1, as PDBFixer places it), beta-branched Val, Thr, Ile, and Ala, Ser, Cys, Leu, Met, Asn, Gln).
 DIPEPTIDE_RESIDUES = ("ALA", "GLY", "PRO", "VAL", "THR", "ILE", "LEU", "MET", "PHE", "TRP", "SER", "ASN", "LYS",
-                      "ASP", "GLU")
+                      "ASP", "GLU", "GLN", "ARG", "CYS", "HIS", "TYR")
 #: Bumped whenever a builder's output changes: cached entries of other versions are rebuilt.
 BUILDER_VERSION = 2
 _TEMPERATURE_K = 300.0
