@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.bootstrap_ps < 0:
+        parser.error(f"--bootstrap-ps must be 0 (no round 2) or a positive number of ps, got {args.bootstrap_ps}.")
     out = PACKAGE_MODEL if args.into_package else args.out
 
     trainer = FragmentModelTrainer(order=args.order, hidden=args.hidden, steps=args.steps, seed=args.seed,

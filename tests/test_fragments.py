@@ -451,18 +451,24 @@ def test_sample_command_runs_fragment_moves_with_the_shipped_model(tmp_path):
     assert {"phi:ALA2", "psi:ALA6"} <= set(summary["torsions"])
 
 
-def test_make_fragment_model_trains_twice_and_reuses_both_rounds(tmp_path, capsys):
-    """benchmarks/make_fragment_model.py: round 1 (uniform moves), a first model, round 2 with that model's moves,
-    the final model on both; a second call with the same settings reuses both rounds' frames."""
+def _make_fragment_model_script():
+    """benchmarks/make_fragment_model.py as a module (it is a script, not part of the package)."""
     import importlib.util
-
-    from openmm_confsample.models.fragments import FragmentData, FragmentTorsionModel
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                         "make_fragment_model.py")
     spec = importlib.util.spec_from_file_location("make_fragment_model", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_make_fragment_model_trains_twice_and_reuses_both_rounds(tmp_path, capsys):
+    """benchmarks/make_fragment_model.py: round 1 (uniform moves), a first model, round 2 with that model's moves,
+    the final model on both; a second call with the same settings reuses both rounds' frames."""
+    from openmm_confsample.models.fragments import FragmentData, FragmentTorsionModel
+
+    script = _make_fragment_model_script()
     args = ["--out", str(tmp_path / "model.pt"), "--data", str(tmp_path / "round1.npz"), "--bootstrap-data",
             str(tmp_path / "round2.npz"), "--residues", "ALA", "VAL", "--leave-out", "VAL", "--temperatures", "300",
             "--length-ps", "2", "--bootstrap-ps", "2", "--steps", "10", "--order", "2", "--hidden", "8", "--quiet"]
@@ -477,3 +483,43 @@ def test_make_fragment_model_trains_twice_and_reuses_both_rounds(tmp_path, capsy
     assert model.metadata["training"]["sources"][-1]["moves_option"].startswith("model:")
     assert script.main(args) == 0
     assert capsys.readouterr().out.count("reusing MD frames") == 2
+
+
+def test_fragment_data_file_is_written_all_or_nothing_and_bad_files_are_refused(tmp_path, monkeypatch):
+    from openmm_confsample.models.fragments import FragmentData
+    from openmm_confsample.models.fragments import data as data_module
+
+    data = FragmentData()
+    data.add(("ALA", "ACE", "NME"), np.full((5, 6), 0.5))
+    data.sources = [{"system": "dipeptide-ALA", "temperature_K": 300.0}]
+    path = str(tmp_path / "frames.npz")
+    data.save(path)
+    loaded = FragmentData.load(path)
+    assert loaded.contexts == data.contexts and loaded.sources == data.sources
+    np.testing.assert_array_equal(loaded.angles[0], data.angles[0])
+    before = open(path, "rb").read()
+
+    def dies_half_way(handle, **arrays):
+        handle.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(data_module.np, "savez_compressed", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        data.save(path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["frames.npz"]
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(before[: len(before) // 2])
+    with pytest.raises(ConfSampleError, match="is not a complete fragment data file"):
+        FragmentData.load(str(truncated))
+    with pytest.raises(ConfSampleError, match="does not exist"):
+        FragmentData.load(str(tmp_path / "missing.npz"))
+
+
+def test_make_fragment_model_refuses_a_negative_round_2(tmp_path, capsys):
+    script = _make_fragment_model_script()
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path / "m.pt"), "--bootstrap-ps", "-5"])
+    assert "--bootstrap-ps must be 0 (no round 2) or a positive number of ps, got -5.0" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

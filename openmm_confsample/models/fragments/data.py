@@ -82,25 +82,43 @@ class FragmentData:
         return int(sum(len(a) for a in self.angles))
 
     def save(self, path: str) -> None:
-        """An .npz of plain arrays (no pickles)."""
+        """An .npz of plain arrays (no pickles), written to a temporary file and renamed into place, so a killed
+        save leaves an earlier file at ``path`` as it was."""
         import json
+        import os
+        import uuid
 
-        np.savez_compressed(path, contexts=np.array(self.contexts, dtype=str).reshape(-1, 3),
-                            counts=np.array([len(a) for a in self.angles]),
-                            angles=np.concatenate(self.angles) if self.angles else np.zeros((0, len(KINDS))),
-                            sources=np.array(json.dumps(self.sources)))
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.partial"
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, contexts=np.array(self.contexts, dtype=str).reshape(-1, 3),
+                                    counts=np.array([len(a) for a in self.angles]),
+                                    angles=np.concatenate(self.angles) if self.angles else np.zeros((0, len(KINDS))),
+                                    sources=np.array(json.dumps(self.sources)))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str) -> "FragmentData":
+        """Read what :meth:`save` wrote; a missing, truncated or foreign file is refused in one sentence."""
         import json
+        import zipfile
 
-        with np.load(path, allow_pickle=False) as data:
-            out = cls()
-            start = 0
-            for context, count in zip(data["contexts"].tolist(), data["counts"].tolist()):
-                out.add(tuple(context), data["angles"][start:start + count])
-                start += count
-            out.sources = json.loads(str(data["sources"]))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out = cls()
+                start = 0
+                for context, count in zip(data["contexts"].tolist(), data["counts"].tolist()):
+                    out.add(tuple(context), data["angles"][start:start + count])
+                    start += count
+                out.sources = json.loads(str(data["sources"]))
+        except FileNotFoundError:
+            raise ConfSampleError(f"fragment data file '{path}' does not exist.") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise ConfSampleError(f"'{path}' is not a complete fragment data file (.npz with contexts, counts, angles "
+                                  f"and sources; truncated or another kind of file?): {error}") from None
         return out
 
 
