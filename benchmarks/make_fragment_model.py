@@ -11,8 +11,9 @@ Two rounds, both with the package's own code (models.fragments.sample_fragment_m
    alpha_L). A first model is trained on these frames.
 2. The same dipeptides and temperatures again, 300 ps each (``--bootstrap-ps``; 0 skips the round), with the
    first model's fragment moves between samples: exact MH moves like the uniform ones, but accepted far more
-   often (14-59 % per run against 0.1-30 % for the uniform moves), so the backbone basins mix within the run too (100 ps with uniform moves left some runs in one
-   backbone basin: Ile at 300 K half in alpha_L after one transition). The shipped model is trained on the
+   often (14-59 % per run against 0.1-30 % for the uniform moves), so the backbone basins mix within the run
+   too (100 ps with uniform moves left some runs in one backbone basin: Ile at 300 K half in alpha_L after one
+   transition). The shipped model is trained on the
    frames of both rounds (the uniform round keeps the rare basins broad, which the alanine phi > 0 benchmark
    needs; training on the second round alone lowered it, docs/fragments.md).
 

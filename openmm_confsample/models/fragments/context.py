@@ -13,8 +13,8 @@ absent), so that a residue type never seen in training can still be placed by it
 each neighbour, a one-hot over the 20 types plus ACE/NME caps and a chain end, with the same features.
 (The chi-bond features were added when a model without them, trained without Leu, proposed Leu's chi2 at
 +-60-90 degrees, where the planar-ended chi2 of Phe, Trp, Asn and Asp lie, instead of the trans of the
-tetrahedral chi2 it shares with Ile, Met, Lys and Glu: side-chain acceptance 6 %.) A type the model never saw gets an all-zero one-hot (training
-drops the one-hot at random so that this means "predict from the features").
+tetrahedral chi2 it shares with Ile, Met, Lys and Glu: side-chain acceptance 6 %.) A type the model never saw
+gets an all-zero one-hot (training drops the one-hot at random so that this means "predict from the features").
 """
 
 from __future__ import annotations
